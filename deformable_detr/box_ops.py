@@ -1,0 +1,52 @@
+"""Box conversions, IoU and generalised IoU (Rezatofighi et al. 2019)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(..., 4) (center x, center y, width, height) -> (..., 4) (x0, y0, x1, y1)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    """(..., 4) (x0, y0, x1, y1) -> (..., 4) (center x, center y, width, height)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (...,)"""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise IoU and union of (N, 4) and (M, 4) xyxy boxes, each (N, M)."""
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    top_left = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    intersection = wh[..., 0] * wh[..., 1]
+    union = area1[:, None] + area2 - intersection
+    return intersection / union, union
+
+
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise generalised IoU of (N, 4) and (M, 4) xyxy boxes, (N, M), in [-1, 1].
+
+    Degenerate boxes (x1 < x0 or y1 < y0) give meaningless values (inf/nan), so they are rejected.
+    """
+    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
+        raise ValueError("generalized_box_iou: boxes1 has a box with x1 < x0 or y1 < y0 (expected xyxy boxes)")
+    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
+        raise ValueError("generalized_box_iou: boxes2 has a box with x1 < x0 or y1 < y0 (expected xyxy boxes)")
+    iou, union = box_iou(boxes1, boxes2)
+    top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
+    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    enclosing_area = wh[..., 0] * wh[..., 1]
+    return iou - (enclosing_area - union) / enclosing_area

@@ -1,0 +1,1 @@
+"""Matching and set-prediction losses."""

@@ -1,0 +1,1 @@
+"""The Deformable DETR model: backbone, transformer, heads, post-processing, and the builder."""
