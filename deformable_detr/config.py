@@ -58,6 +58,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.backbone not in RESNETS:
             raise ValueError(f"backbone must be one of {RESNETS}, got {self.backbone!r}")
+        if self.dilation and self.backbone in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101), got {self.backbone}")
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
         if self.hidden_dim % 32:

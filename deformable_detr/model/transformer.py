@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deformable_detr.model.ms_deform_attn import MSDeformAttn
@@ -207,7 +206,8 @@ class DeformableTransformer(nn.Module):
                  msda_backend: str = "auto") -> None:
         super().__init__()
         if two_stage and (decoder_bbox_embed is None or decoder_class_embed is None):
-            raise ValueError("two_stage needs decoder_bbox_embed and decoder_class_embed (num_decoder_layers + 1 heads)")
+            raise ValueError("two_stage needs decoder_bbox_embed and decoder_class_embed "
+                             "(num_decoder_layers + 1 heads each)")
         for heads_name, heads in (("decoder_bbox_embed", decoder_bbox_embed),
                                   ("decoder_class_embed", decoder_class_embed)):
             if two_stage and len(heads) != num_decoder_layers + 1:
@@ -262,8 +262,11 @@ class DeformableTransformer(nn.Module):
         return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
     def proposal_pos_embed(self, proposals: Tensor) -> Tensor:
-        """Sine embedding of unactivated boxes: (batch, K, 4) -> (batch, K, 4 * 128)."""
-        num_pos_feats, temperature, scale = 128, 10000, 2 * math.pi
+        """Sine embedding of unactivated boxes: (batch, K, 4) -> (batch, K, 2 * d_model).
+
+        The official code fixes 128 features per coordinate, which is d_model / 2 at its d_model of 256.
+        """
+        num_pos_feats, temperature, scale = self.d_model // 2, 10000, 2 * math.pi
         dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
         dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
         # (batch, K, 4, num_pos_feats)

@@ -38,7 +38,8 @@ def ms_deform_attn_reference(
     sampled_per_level = []
     for level, (height, width) in enumerate(spatial_shapes):
         # (batch, H*W, heads, head_dim) -> (batch*heads, head_dim, H, W)
-        value_level = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * num_heads, head_dim, height, width)
+        value_level = value_per_level[level].flatten(2).transpose(1, 2)
+        value_level = value_level.reshape(batch * num_heads, head_dim, height, width)
         # (batch, queries, heads, points, 2) -> (batch*heads, queries, points, 2)
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # (batch*heads, head_dim, queries, points)

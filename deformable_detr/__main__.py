@@ -1,0 +1,5 @@
+import sys
+
+from deformable_detr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    """The official reference vectors: $DDETR_REFERENCE_DIR, else ../shared/reference beside the checkout."""
+    path = Path(os.environ.get("DDETR_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+    if not (path / "README.md").is_file():
+        raise FileNotFoundError(
+            f"reference vectors not found at {path}; set DDETR_REFERENCE_DIR to the folder holding the .npz files"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_path() -> Path:
+    return reference_dir()

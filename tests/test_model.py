@@ -1,0 +1,81 @@
+"""Builder options, input validation and a small model end to end (forward, loss, backward, post-processing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deformable_detr import build_model, model_config
+
+SMALL = dict(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128,
+             num_queries=10)
+
+
+def test_unknown_variant_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown variant 'deformable'.*deformable_detr, single_scale"):
+        build_model("deformable")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) \['hiden_dim'\]"):
+        build_model("deformable_detr", hiden_dim=128)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [("nheads", 7, "divisible by nheads"),
+                                                          ("num_queries", 0, "num_queries must be a positive int"),
+                                                          ("backbone", "vgg16", "backbone must be one of"),
+                                                          ("dilation", True, "needs a bottleneck ResNet")])
+def test_invalid_options(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        model_config("deformable_detr", **{**({"backbone": "resnet18"} if option == "dilation" else {}),
+                                           option: value})
+
+
+def test_overrides_reach_the_model():
+    model, criterion, post = build_model("box_refine", num_classes=7, **SMALL, dec_n_points=3, cls_loss_coef=1.5)
+    assert model.class_embed[0].out_features == 7
+    assert len(model.transformer.decoder.layers) == 2
+    assert model.transformer.decoder.layers[0].cross_attn.num_points == 3
+    assert criterion.weight_dict["loss_ce_0"] == 1.5
+    assert model.query_embed.weight.shape == (10, 128)
+
+
+@pytest.mark.parametrize("variant", ["deformable_detr", "single_scale_dc5", "two_stage"])
+def test_small_model_end_to_end(variant):
+    torch.manual_seed(0)
+    # DC5 dilates layer4, which torchvision supports for bottleneck ResNets only.
+    options = {**SMALL, "backbone": "resnet50"} if variant == "single_scale_dc5" else SMALL
+    model, criterion, postprocessors = build_model(variant, num_classes=5, **options)
+    images = torch.randn(2, 3, 64, 80)
+    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
+    mask[1, 40:, :] = True  # second image is 40 x 80
+    outputs = model(images, mask)
+    assert outputs.pred_logits.shape == (2, 10, 5) and outputs.pred_boxes.shape == (2, 10, 4)
+    assert len(outputs.aux_outputs) == 1
+    assert (outputs.enc_outputs is not None) == (variant == "two_stage")
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    losses = criterion(outputs, targets)
+    criterion.total_loss(losses).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    results = postprocessors["bbox"](outputs, torch.tensor([[64, 80], [40, 80]]))
+    assert results[1]["boxes"].shape == (min(100, 10 * 5), 4)
+    assert (results[0]["scores"][:-1] >= results[0]["scores"][1:]).all()
+
+
+def test_model_input_errors():
+    model, _, _ = build_model("single_scale", num_classes=5, **SMALL)
+    with pytest.raises(ValueError, match=r"images must have shape \(batch, 3, H, W\), got \(3, 64, 64\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="normalised floating-point"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(1, 64, 64\)"):
+        model(torch.randn(1, 3, 64, 64), torch.zeros(1, 32, 32, dtype=torch.bool))
+
+
+def test_postprocess_rejects_bad_target_sizes():
+    model, _, post = build_model("single_scale", num_classes=5, **SMALL)
+    outputs = model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="target_sizes must have shape"):
+        post["bbox"](outputs, torch.tensor([64, 64]))
