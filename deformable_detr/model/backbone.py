@@ -31,6 +31,7 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
+        self.name = name
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
         )

@@ -1,0 +1,141 @@
+"""One training epoch and one evaluation pass: the official loops, with AMP and a progress bar."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from pycocotools.coco import COCO
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from deformable_detr.distributed import is_main_process, reduce_dict
+from deformable_detr.evaluation import CocoEvaluator
+from deformable_detr.loss.criterion import SetCriterion
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became inf or nan: training stops; the checkpoints already written stay as they are."""
+
+
+class EpochAverages:
+    """Running averages of scalar metrics over an epoch (the official logs report these global averages)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            self.sums[name] += float(value)
+            self.counts[name] += 1
+
+    def averages(self) -> dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+
+def _to_device(images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]], device: torch.device):
+    targets = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+               for t in targets]
+    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+
+def _float_outputs(outputs) -> dict:
+    """The detector's outputs in float32, so that the loss is computed in full precision under AMP."""
+    def cast(x: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.float() for k, v in x.items()}
+
+    result = {"pred_logits": outputs["pred_logits"].float(), "pred_boxes": outputs["pred_boxes"].float()}
+    if "aux_outputs" in outputs:
+        result["aux_outputs"] = [cast(aux) for aux in outputs["aux_outputs"]]
+    if "enc_outputs" in outputs and outputs["enc_outputs"] is not None:
+        result["enc_outputs"] = cast(outputs["enc_outputs"])
+    return result
+
+
+def _loss_logs(criterion: SetCriterion, losses: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
+    """The official log entries: the weighted total, each weighted term, each raw term as ``<name>_unscaled``,
+    ``class_error``; averaged over processes."""
+    reduced = reduce_dict(losses)
+    scaled = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
+    total = sum(scaled.values()).item()
+    logs = {k: v.item() for k, v in scaled.items()}
+    logs.update({f"{k}_unscaled": v.item() for k, v in reduced.items()})
+    logs["class_error"] = reduced["class_error"].item()
+    return total, logs
+
+
+def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, max_norm: float = 0.1, amp: str | None = None,
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = True) -> dict[str, float]:
+    """One pass over ``data_loader`` (batches of (images, mask, targets)); returns the epoch averages of the
+    official log keys (``loss``, ``loss_ce``, ..., ``class_error``, ``lr``, ``grad_norm``)."""
+    model.train()
+    criterion.train()
+    averages = EpochAverages()
+    bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not (progress and is_main_process()), dynamic_ncols=True,
+               leave=True)
+    for iteration, (images, mask, targets) in enumerate(bar):
+        images, mask, targets = _to_device(images, mask, targets, device)
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None):
+            outputs = model(images, mask)
+        losses = criterion(_float_outputs(outputs), targets)
+        loss = criterion.total_loss(losses)
+        loss_value, logs = _loss_logs(criterion, losses)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at epoch {epoch}, iteration {iteration}; training stopped, the checkpoints "
+                f"written so far are intact. Loss terms: { {k: round(v, 4) for k, v in logs.items()} }"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        # clip_grad_norm_ with an infinite bound still returns the norm, which the official logs report.
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        averages.update(loss=loss_value, lr=lr, grad_norm=grad_norm.item(), **logs)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", refresh=False)
+    bar.close()
+    return averages.averages()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: SetCriterion, postprocessors: dict[str, nn.Module], data_loader: Iterable,
+             coco_gt: COCO, device: torch.device, amp: str | None = None, progress: bool = True
+             ) -> tuple[dict[str, float | list[float]], CocoEvaluator]:
+    """Losses and COCO bbox AP over ``data_loader``; returns the official log entries (``loss``, ...,
+    ``coco_eval_bbox``: the 12 COCO numbers) and the evaluator (its ``summary`` is pycocotools' table)."""
+    model.eval()
+    criterion.eval()
+    averages = EpochAverages()
+    evaluator = CocoEvaluator(coco_gt)
+    bar = tqdm(data_loader, desc="eval", disable=not (progress and is_main_process()), dynamic_ncols=True)
+    for images, mask, targets in bar:
+        images, mask, targets = _to_device(images, mask, targets, device)
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None):
+            outputs = model(images, mask)
+        outputs = _float_outputs(outputs)
+        losses = criterion(outputs, targets)
+        loss_value, logs = _loss_logs(criterion, losses)
+        averages.update(loss=loss_value, **logs)
+        original_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        detections = postprocessors["bbox"](outputs, original_sizes)
+        evaluator.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
+    bar.close()
+    evaluator.synchronize_between_processes()
+    stats: dict[str, float | list[float]] = dict(averages.averages())
+    stats["coco_eval_bbox"] = evaluator.summarize().tolist()
+    return stats, evaluator
