@@ -1,0 +1,394 @@
+"""Triton forward and backward kernels for multi-scale deformable attention (MSDA).
+
+The numerics are those of ``reference.py`` (bilinear sampling, zero padding, ``align_corners=False``): a sample at
+normalised (x, y) on a level of size (H, W) reads pixel coordinates (x * W - 0.5, y * H - 0.5), and neighbours outside
+the map read 0.
+
+Work decomposition (both kernels): one program per (query block, head, batch element). A program holds a
+(BLOCK_Q, BLOCK_D) tile (queries x head channels), loops over levels and points, and for every (level, point) gathers
+the four bilinear neighbours as (BLOCK_Q, BLOCK_D) tiles. Each neighbour row is ``head_dim`` contiguous values of one
+head at one pixel, so the loads are coalesced along D. BLOCK_D is ``head_dim`` rounded up to a power of two (Triton
+ranges must be powers of two) and the padding lanes are masked off, so any ``head_dim`` works.
+
+* Forward: accumulates sum_{l,p} A_{lp} * bilinear(V_l, p_{lp}) in registers (float32, or float64 for float64 input)
+  and writes one output tile; nothing of size batch x queries x heads x levels x points x head_dim is materialised.
+* Backward: per (level, point) it reduces grad_output . neighbour over D once per neighbour (4 dot products per
+  query), from which the gradients of the attention weight and of both coordinates follow by scalar arithmetic;
+  those values are owned by exactly one program and are stored directly. grad_value receives
+  A * bilinear_weight * grad_output at each neighbour, and several queries (and programs) hit the same pixel, so it is
+  scattered with atomic adds into a float32 (float64 for float64 input) buffer that is cast to the input dtype at the
+  end.
+
+Half-precision inputs (float16 / bfloat16) are loaded and up-cast: all arithmetic is float32, results are rounded once
+when stored. On a machine without a GPU, set ``TRITON_INTERPRET=1`` before importing Triton to run these kernels on CPU
+tensors (that is how CI tests them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["msda_backward", "msda_forward"]
+
+
+@triton.jit
+def _bilinear_neighbours(
+    loc_ptr,
+    loc_offsets,
+    q_mask,
+    height,
+    width,
+    level_start,
+    row_stride,
+    d_offsets,
+    d_mask,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Bilinear set-up of one (level, point) for a block of queries.
+
+    Returns the fractional parts (lx, ly) of the pixel coordinates, (BLOCK_Q,), and for the four neighbours
+    (top-left, top-right, bottom-left, bottom-right) the (BLOCK_Q, BLOCK_D) offsets from the head's base in value
+    and the masks; neighbours outside the map are masked off, so they read 0 and receive no gradient.
+    """
+    width_f = width.to(ACC_DTYPE)
+    height_f = height.to(ACC_DTYPE)
+    x = tl.load(loc_ptr + loc_offsets, mask=q_mask, other=0.0).to(ACC_DTYPE) * width_f - 0.5
+    y = tl.load(loc_ptr + loc_offsets + 1, mask=q_mask, other=0.0).to(ACC_DTYPE) * height_f - 0.5
+    # Anything left of -1 or right of W has all four neighbours outside (reads 0, gradient 0), so clamping to
+    # [-2, W + 1] changes no result but keeps the float->int conversion below in range for wild locations.
+    x = tl.minimum(tl.maximum(x, -2.0), width_f + 1.0)
+    y = tl.minimum(tl.maximum(y, -2.0), height_f + 1.0)
+    x0_f = tl.floor(x)
+    y0_f = tl.floor(y)
+    x0 = x0_f.to(tl.int32)
+    y0 = y0_f.to(tl.int32)
+
+    # Column / row validity is shared by two neighbours each: 8 comparisons instead of 16.
+    col0 = (x0 >= 0) & (x0 < width)
+    col1 = (x0 >= -1) & (x0 < width - 1)
+    row0 = q_mask & (y0 >= 0) & (y0 < height)
+    row1 = q_mask & (y0 >= -1) & (y0 < height - 1)
+    # level_start is int64, so the offsets are int64 (maps times heads times head_dim can exceed 2**31). The other
+    # three neighbours are one pixel right, one row down, or both; their (masked-off) offsets may be out of range.
+    o00 = ((level_start + y0 * width + x0) * row_stride)[:, None] + d_offsets[None, :]
+    o01 = o00 + row_stride
+    o10 = o00 + width * row_stride
+    o11 = o10 + row_stride
+    m00 = (row0 & col0)[:, None] & d_mask[None, :]
+    m01 = (row0 & col1)[:, None] & d_mask[None, :]
+    m10 = (row1 & col0)[:, None] & d_mask[None, :]
+    m11 = (row1 & col1)[:, None] & d_mask[None, :]
+    return x - x0_f, y - y0_f, o00, m00, o01, m01, o10, m10, o11, m11
+
+
+@triton.jit
+def _msda_forward_kernel(
+    value_ptr,
+    spatial_shapes_ptr,
+    level_start_index_ptr,
+    loc_ptr,
+    attn_ptr,
+    out_ptr,
+    num_values,
+    num_queries,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    NUM_LEVELS: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    # Query blocks on axis 0 (the only axis with a 2**31 limit); neighbouring programs then share (batch, head) and
+    # sample nearby pixels of the same value slice, which helps the L2 cache.
+    pid_q = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+
+    q_offsets = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q_offsets < num_queries
+    d_offsets = tl.arange(0, BLOCK_D)
+    d_mask = d_offsets < HEAD_DIM
+
+    row_stride = num_heads * HEAD_DIM  # between consecutive pixels of value (batch, S, heads, head_dim)
+    value_base = value_ptr + batch * num_values * row_stride + head * HEAD_DIM
+    # Index of (batch, query, head, level 0, point 0) in attention_weights (batch, queries, heads, levels, points).
+    attn_row = ((batch * num_queries + q_offsets) * num_heads + head) * (NUM_LEVELS * NUM_POINTS)
+
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC_DTYPE)
+    for level in range(NUM_LEVELS):
+        height = tl.load(spatial_shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(spatial_shapes_ptr + 2 * level + 1).to(tl.int32)
+        level_start = tl.load(level_start_index_ptr + level).to(tl.int64)
+        # Points are few (4 in the paper): unrolling lets the four gathers of successive points overlap.
+        for point in tl.static_range(NUM_POINTS):
+            attn_offsets = attn_row + level * NUM_POINTS + point
+            attn = tl.load(attn_ptr + attn_offsets, mask=q_mask, other=0.0).to(ACC_DTYPE)
+            lx, ly, o00, m00, o01, m01, o10, m10, o11, m11 = _bilinear_neighbours(
+                loc_ptr, 2 * attn_offsets, q_mask, height, width, level_start, row_stride, d_offsets, d_mask, ACC_DTYPE
+            )
+            hx = 1.0 - lx
+            hy = 1.0 - ly
+            # The attention weight is folded into the four (BLOCK_Q,) corner weights, which saves tile multiplies.
+            acc += (attn * hy * hx)[:, None] * tl.load(value_base + o00, mask=m00, other=0.0).to(ACC_DTYPE)
+            acc += (attn * hy * lx)[:, None] * tl.load(value_base + o01, mask=m01, other=0.0).to(ACC_DTYPE)
+            acc += (attn * ly * hx)[:, None] * tl.load(value_base + o10, mask=m10, other=0.0).to(ACC_DTYPE)
+            acc += (attn * ly * lx)[:, None] * tl.load(value_base + o11, mask=m11, other=0.0).to(ACC_DTYPE)
+
+    # output (batch, queries, heads * head_dim)
+    out_offsets = ((batch * num_queries + q_offsets) * row_stride + head * HEAD_DIM)[:, None] + d_offsets[None, :]
+    tl.store(
+        out_ptr + out_offsets,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=q_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _msda_backward_kernel(
+    grad_output_ptr,
+    value_ptr,
+    spatial_shapes_ptr,
+    level_start_index_ptr,
+    loc_ptr,
+    attn_ptr,
+    grad_value_ptr,
+    grad_loc_ptr,
+    grad_attn_ptr,
+    num_values,
+    num_queries,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    NUM_LEVELS: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+
+    q_offsets = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q_offsets < num_queries
+    d_offsets = tl.arange(0, BLOCK_D)
+    d_mask = d_offsets < HEAD_DIM
+
+    row_stride = num_heads * HEAD_DIM
+    value_offset = batch * num_values * row_stride + head * HEAD_DIM
+    value_base = value_ptr + value_offset
+    # grad_value has value's layout (it is a contiguous buffer of the same shape), so the same offsets address it.
+    grad_value_base = grad_value_ptr + value_offset
+    attn_row = ((batch * num_queries + q_offsets) * num_heads + head) * (NUM_LEVELS * NUM_POINTS)
+
+    # The grad_output tile is reused by every (level, point): load it once. Padding lanes read 0, so they add
+    # nothing to the reductions over D below.
+    go_offsets = ((batch * num_queries + q_offsets) * row_stride + head * HEAD_DIM)[:, None] + d_offsets[None, :]
+    grad_out = tl.load(grad_output_ptr + go_offsets, mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(ACC_DTYPE)
+
+    for level in range(NUM_LEVELS):
+        height = tl.load(spatial_shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(spatial_shapes_ptr + 2 * level + 1).to(tl.int32)
+        level_start = tl.load(level_start_index_ptr + level).to(tl.int64)
+        for point in tl.static_range(NUM_POINTS):
+            attn_offsets = attn_row + level * NUM_POINTS + point
+            attn = tl.load(attn_ptr + attn_offsets, mask=q_mask, other=0.0).to(ACC_DTYPE)
+            lx, ly, o00, m00, o01, m01, o10, m10, o11, m11 = _bilinear_neighbours(
+                loc_ptr, 2 * attn_offsets, q_mask, height, width, level_start, row_stride, d_offsets, d_mask, ACC_DTYPE
+            )
+            hx = 1.0 - lx
+            hy = 1.0 - ly
+            # g_c = <grad_output, V(corner c)> over D: everything per query below is scalar arithmetic on these.
+            g00 = tl.sum(grad_out * tl.load(value_base + o00, mask=m00, other=0.0).to(ACC_DTYPE), axis=1)
+            g01 = tl.sum(grad_out * tl.load(value_base + o01, mask=m01, other=0.0).to(ACC_DTYPE), axis=1)
+            g10 = tl.sum(grad_out * tl.load(value_base + o10, mask=m10, other=0.0).to(ACC_DTYPE), axis=1)
+            g11 = tl.sum(grad_out * tl.load(value_base + o11, mask=m11, other=0.0).to(ACC_DTYPE), axis=1)
+
+            # d out / d A = the bilinear sample dotted with grad_output.
+            grad_attn = hy * hx * g00 + hy * lx * g01 + ly * hx * g10 + ly * lx * g11
+            tl.store(grad_attn_ptr + attn_offsets, grad_attn.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
+            # d sample / d x_pixel = hy (V01 - V00) + ly (V11 - V10), and x_pixel = x * W - 0.5 brings the factor W.
+            grad_x = attn * width.to(ACC_DTYPE) * (hy * (g01 - g00) + ly * (g11 - g10))
+            grad_y = attn * height.to(ACC_DTYPE) * (hx * (g10 - g00) + lx * (g11 - g01))
+            tl.store(grad_loc_ptr + 2 * attn_offsets, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
+            tl.store(grad_loc_ptr + 2 * attn_offsets + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
+
+            # Scatter A * bilinear weight * grad_output to the four neighbours; the masks drop those outside the map.
+            tl.atomic_add(grad_value_base + o00, (attn * hy * hx)[:, None] * grad_out, mask=m00, sem="relaxed")
+            tl.atomic_add(grad_value_base + o01, (attn * hy * lx)[:, None] * grad_out, mask=m01, sem="relaxed")
+            tl.atomic_add(grad_value_base + o10, (attn * ly * hx)[:, None] * grad_out, mask=m10, sem="relaxed")
+            tl.atomic_add(grad_value_base + o11, (attn * ly * lx)[:, None] * grad_out, mask=m11, sem="relaxed")
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
+    # float64 input (gradcheck, the float64 reference file) keeps float64 end to end; everything else accumulates in
+    # float32, which is what half-precision training needs and costs nothing extra for float32.
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# Below this many programs a GPU (an H100 has 132 SMs) would sit partly idle and could not hide the latency of the
+# gathers behind other programs, so small problems (a decoder's few hundred queries) get smaller query blocks.
+_MIN_PROGRAMS = 512
+# Off a GPU (Triton's interpreter) there is neither a register budget nor SMs to fill, but every program and every
+# operation costs Python overhead: use few, large blocks. (A module constant so that tests can force several blocks.)
+_INTERPRETER_MAX_BLOCK_Q = 64
+
+
+def _launch_config(
+    num_queries: int, batch_heads: int, head_dim: int, tile_elements: int, on_gpu: bool
+) -> tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_D, num_warps) for a (queries x head channels) tile of at most ``tile_elements`` values.
+
+    On a GPU the tile is bounded so that the gathered neighbour tiles (and, in backward, the grad_output tile) stay
+    in registers at about 8 values per thread, and it shrinks (down to 8 queries) while the launch would have fewer
+    than ``_MIN_PROGRAMS`` programs. A block never exceeds the number of queries rounded up to a power of two.
+    """
+    block_d = triton.next_power_of_2(head_dim)
+    if not on_gpu:
+        return min(_INTERPRETER_MAX_BLOCK_Q, triton.next_power_of_2(num_queries)), block_d, 1
+    block_q = max(1, min(64, tile_elements // block_d, triton.next_power_of_2(num_queries)))
+    while block_q > 8 and triton.cdiv(num_queries, block_q) * batch_heads < _MIN_PROGRAMS:
+        block_q //= 2
+    num_warps = max(1, min(8, block_q * block_d // 256))
+    return block_q, block_d, num_warps
+
+
+@contextlib.contextmanager
+def _on_device_of(tensor: Tensor) -> Iterator[None]:
+    # Triton launches on the current CUDA device: make it the inputs' one (they may live on cuda:1 and so on).
+    if tensor.is_cuda:
+        with torch.cuda.device(tensor.device):
+            yield
+    else:
+        yield
+
+
+def msda_forward(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention forward, sum over levels l and points p of A_{lp} * V_l(p_{lp}).
+
+    Inputs are assumed validated by the caller (``deformable_detr.ops``); non-contiguous ones are made contiguous here
+    (a copy only when needed), because the kernels address them by their dense row-major layout.
+
+    Args:
+        value: (batch, sum(H_l * W_l), num_heads, head_dim), float16 / bfloat16 / float32 / float64.
+        spatial_shapes: (num_levels, 2) integer (H_l, W_l), on value's device (read by the kernel: no host sync).
+        level_start_index: (num_levels,) integer offset of each level on dim 1 of ``value``, on value's device.
+        sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2) normalised (x, y), value's dtype.
+        attention_weights: (batch, num_queries, num_heads, num_levels, num_points), value's dtype.
+
+    Returns:
+        (batch, num_queries, num_heads * head_dim) in value's dtype, accumulated in float32 (float64 for float64).
+    """
+    value = value.contiguous()
+    spatial_shapes = spatial_shapes.contiguous()
+    level_start_index = level_start_index.contiguous()
+    sampling_locations = sampling_locations.contiguous()
+    attention_weights = attention_weights.contiguous()
+    batch, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+
+    output = value.new_empty(batch, num_queries, num_heads * head_dim)
+    if output.numel() == 0:
+        return output.zero_()  # a grid with a zero dimension is not a valid launch
+    block_q, block_d, num_warps = _launch_config(
+        num_queries, batch * num_heads, head_dim, tile_elements=2048, on_gpu=value.is_cuda
+    )
+    grid = (triton.cdiv(num_queries, block_q), num_heads, batch)
+    with _on_device_of(value):
+        _msda_forward_kernel[grid](
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            output,
+            num_values,
+            num_queries,
+            num_heads,
+            HEAD_DIM=head_dim,
+            NUM_LEVELS=num_levels,
+            NUM_POINTS=num_points,
+            BLOCK_Q=block_q,
+            BLOCK_D=block_d,
+            ACC_DTYPE=_accumulator_dtype(value.dtype),
+            num_warps=num_warps,
+        )
+    return output
+
+
+def msda_backward(
+    grad_output: Tensor,
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``msda_forward`` with respect to value, sampling_locations and attention_weights.
+
+    Args:
+        grad_output: (batch, num_queries, num_heads * head_dim), any float dtype (up-cast in the kernel).
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights: as in ``msda_forward``.
+
+    Returns:
+        grad_value (batch, sum(H_l * W_l), num_heads, head_dim),
+        grad_sampling_locations (batch, num_queries, num_heads, num_levels, num_points, 2),
+        grad_attention_weights (batch, num_queries, num_heads, num_levels, num_points),
+        each contiguous and in its input's dtype. grad_value is accumulated with atomic adds in float32 (float64 for
+        float64), so its last bits may vary from run to run on a GPU (the order of the additions is not fixed).
+    """
+    grad_output = grad_output.contiguous()
+    value = value.contiguous()
+    spatial_shapes = spatial_shapes.contiguous()
+    level_start_index = level_start_index.contiguous()
+    sampling_locations = sampling_locations.contiguous()
+    attention_weights = attention_weights.contiguous()
+    batch, num_values, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+
+    accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    # Atomic adds into half precision would round at every addition: accumulate in a wider buffer, cast once.
+    grad_value = torch.zeros(value.shape, dtype=accumulate_dtype, device=value.device)
+    # Every location / weight gradient is written by exactly one program (zeros only matter for an empty launch).
+    grad_locations = torch.zeros_like(sampling_locations)
+    grad_weights = torch.zeros_like(attention_weights)
+    if grad_output.numel() > 0 and value.numel() > 0:
+        block_q, block_d, num_warps = _launch_config(
+            num_queries, batch * num_heads, head_dim, tile_elements=1024, on_gpu=value.is_cuda
+        )
+        grid = (triton.cdiv(num_queries, block_q), num_heads, batch)
+        with _on_device_of(value):
+            _msda_backward_kernel[grid](
+                grad_output,
+                value,
+                spatial_shapes,
+                level_start_index,
+                sampling_locations,
+                attention_weights,
+                grad_value,
+                grad_locations,
+                grad_weights,
+                num_values,
+                num_queries,
+                num_heads,
+                HEAD_DIM=head_dim,
+                NUM_LEVELS=num_levels,
+                NUM_POINTS=num_points,
+                BLOCK_Q=block_q,
+                BLOCK_D=block_d,
+                ACC_DTYPE=_accumulator_dtype(value.dtype),
+                num_warps=num_warps,
+            )
+    return grad_value.to(value.dtype), grad_locations, grad_weights
