@@ -4,7 +4,9 @@ A reference file (``../shared/reference/*.npz``, made by the official implementa
 
 * a model-variant file (``meta.variant``): ddetr-init-v1 weights, eval mode, forward, criterion, backward of the
   weighted total loss, post-processing; plus intermediate values (``dbg.*``) recorded by forward hooks;
-* the MSDA core case (``msda.*``): the op's output and its three input gradients, in float64.
+* the MSDA core case (``msda.*``): the op's output and its three input gradients, in float64;
+* the eval-transform cases (``c<i>.*``): the official target preparation and validation transform on regenerated
+  synthetic images (``deformable_detr.data.reference_check``).
 
 Tolerances are those the reference README recommends for an independent float32 implementation.
 """
@@ -419,10 +421,11 @@ def verify_reference(reference: dict[str, np.ndarray], device: str = "cpu", back
         computed = run_msda_case(reference, device, backend)
         return compare_msda(computed, reference), computed
     if kind == "eval_transform":
-        raise ReferenceFileError(
-            f"{source}: an eval-transform file; its check needs the COCO data pipeline, which this version of "
-            "deformable_detr does not have yet"
-        )
+        # Imported here: the data pipeline's checker builds on this module's Check (a top-level import would cycle).
+        from deformable_detr.data.reference_check import compare_eval_transform, run_eval_transform_case
+
+        computed = run_eval_transform_case(reference)
+        return compare_eval_transform(computed, reference), computed
     computed = run_model_case(reference, device, backend)
     return compare_model(computed, reference), computed
 
