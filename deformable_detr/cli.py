@@ -28,6 +28,28 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from deformable_detr.train import run
+
+    run(args)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from deformable_detr.train import run
+
+    args.eval = True
+    run(args)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from deformable_detr.plot import plot_logs
+
+    print(f"wrote {plot_logs(args.output_dirs, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddetr", description="Deformable DETR: verify, train, evaluate, predict.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--backend", default="auto", help="MSDA backend: auto or one of deformable_detr.ops.BACKENDS")
     verify.add_argument("--failures-only", action="store_true", help="print only the failed checks")
     verify.set_defaults(handler=_verify)
+
+    from deformable_detr.train import add_train_arguments
+
+    train = commands.add_parser(
+        "train", help="train on COCO or COCO-format data (official main.py flags)",
+        description="The official main.py: the same flags and defaults, so the official configs/*.sh work with "
+        "'python -u main.py' replaced by 'ddetr train'. Multi-GPU: torchrun --nproc_per_node=N -m deformable_detr "
+        "train ...",
+    )
+    add_train_arguments(train).set_defaults(handler=_train)
+    evaluation = commands.add_parser("eval", help="COCO bbox AP of a checkpoint (= train --eval --resume CKPT)")
+    add_train_arguments(evaluation).set_defaults(handler=_eval)
+
+    plot = commands.add_parser("plot", help="loss and AP curves of training runs to a PNG")
+    plot.add_argument("output_dirs", nargs="+", help="training output folders (each with a log.txt)")
+    plot.add_argument("--out", help="PNG path (default: OUTPUT_DIR/curves.png of the first run)")
+    plot.set_defaults(handler=_plot)
     return parser
 
 

@@ -81,7 +81,7 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iter
                leave=True)
     for iteration, (images, mask, targets) in enumerate(bar):
         images, mask, targets = _to_device(images, mask, targets, device)
-        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None):
+        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None):
             outputs = model(images, mask)
         losses = criterion(_float_outputs(outputs), targets)
         loss = criterion.total_loss(losses)
@@ -125,7 +125,7 @@ def evaluate(model: nn.Module, criterion: SetCriterion, postprocessors: dict[str
     bar = tqdm(data_loader, desc="eval", disable=not (progress and is_main_process()), dynamic_ncols=True)
     for images, mask, targets in bar:
         images, mask, targets = _to_device(images, mask, targets, device)
-        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None):
+        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None):
             outputs = model(images, mask)
         outputs = _float_outputs(outputs)
         losses = criterion(outputs, targets)
