@@ -50,6 +50,24 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from deformable_detr.demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from deformable_detr.data import make_synthetic_dataset
+
+    data = make_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
+                                  image_size=args.image_size, seed=args.seed, colour_by_class=args.colour_by_class)
+    print(f"wrote {args.num_train} training and {args.num_val} validation images with COCO JSONs to {data.root}:\n"
+          f"  ddetr train --train_images {data.train_images} --train_json {data.train_json} "
+          f"--val_images {data.val_images} --val_json {data.val_json} ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddetr", description="Deformable DETR: verify, train, evaluate, predict.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("output_dirs", nargs="+", help="training output folders (each with a log.txt)")
     plot.add_argument("--out", help="PNG path (default: OUTPUT_DIR/curves.png of the first run)")
     plot.set_defaults(handler=_plot)
+
+    from deformable_detr.demo import add_demo_arguments
+
+    demo = commands.add_parser("demo", help="generate the synthetic dataset, train a small model on the CPU, "
+                               "evaluate, draw predictions (about 15 minutes on 2 cores)")
+    add_demo_arguments(demo).set_defaults(handler=_demo)
+
+    synthetic = commands.add_parser("make-synthetic", help="write the synthetic shapes dataset (images + COCO JSON)")
+    synthetic.add_argument("--out", required=True, help="output folder")
+    synthetic.add_argument("--num_train", type=int, default=1000)
+    synthetic.add_argument("--num_val", type=int, default=200)
+    synthetic.add_argument("--image_size", type=int, default=160)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--colour_by_class", action="store_true", help="tie each class to one hue (easier)")
+    synthetic.set_defaults(handler=_make_synthetic)
     return parser
 
 
