@@ -10,9 +10,14 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from deformable_detr.checkpoint import load_checkpoint, read_checkpoint
 from deformable_detr.data import build_coco_dataset, category_info, make_coco_transforms, make_synthetic_dataset
 from deformable_detr.evaluation import format_stats
+from deformable_detr.model.build import build_from_config
+from deformable_detr.plot import plot_logs
+from deformable_detr.train import add_train_arguments, model_config_from_args, run
 from deformable_detr.visualize import draw_detections
 
 # The small configuration: every value is an official flag of ddetr train.
@@ -44,15 +49,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def draw_predictions(checkpoint_dir: Path, val_images: Path, val_json: Path, out_dir: Path, num_pictures: int,
                      device: str) -> list[Path]:
-    """Runs the trained model on the first validation images and writes them with their detections (score >= 0.3)
-    next to the ground truth."""
-    from deformable_detr.checkpoint import load_checkpoint
-    from deformable_detr.train import model_config_from_args
-    from deformable_detr.model.build import build_from_config
-
+    """Runs the trained model on the first validation images and writes each as a picture: the ground truth on
+    the left, the detections scoring at least 0.3 on the right."""
     checkpoint_path = checkpoint_dir / "checkpoint.pth"
-    from deformable_detr.checkpoint import read_checkpoint
-
     args = read_checkpoint(checkpoint_path)["args"]
     dataset = build_coco_dataset("val", images=val_images, annotations=val_json, transforms=None, progress=False)
     transform = make_coco_transforms("val", val_size=args.val_size, max_size=args.max_size)
@@ -68,17 +67,24 @@ def draw_predictions(checkpoint_dir: Path, val_images: Path, val_json: Path, out
         with torch.no_grad():
             outputs = model(tensor[None].to(device))
             detections = postprocessors["bbox"](outputs, torch.tensor([[image.height, image.width]], device=device))[0]
-        drawn = draw_detections(image, detections["boxes"].tolist(), detections["scores"].tolist(),
-                                detections["labels"].tolist(), names, score_threshold=0.3)
+        predicted = draw_detections(image, detections["boxes"].tolist(), detections["scores"].tolist(),
+                                    detections["labels"].tolist(), names, score_threshold=0.3)
+        # The untransformed target holds xyxy pixel boxes.
+        truth = draw_detections(image, target["boxes"].tolist(), [1.0] * len(target["labels"]),
+                                target["labels"].tolist(), names)
+        # Upscaled: the synthetic images are small.
+        scale = max(1, 384 // max(image.size))
+        pair = Image.new("RGB", (2 * image.width * scale + 8, image.height * scale), (255, 255, 255))
+        pair.paste(truth.resize((image.width * scale, image.height * scale), Image.NEAREST), (0, 0))
+        pair.paste(predicted.resize((image.width * scale, image.height * scale), Image.NEAREST),
+                   (image.width * scale + 8, 0))
         path = out_dir / f"prediction_{index:02d}.png"
-        drawn.save(path)
+        pair.save(path)
         written.append(path)
     return written
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    from deformable_detr.train import add_train_arguments, run
-
     output_dir = Path(args.output_dir)
     started = time.time()
     data = make_synthetic_dataset(output_dir / "data", num_train=args.num_train, num_val=args.num_val,
@@ -96,8 +102,6 @@ def run_demo(args: argparse.Namespace) -> dict:
     stats = log["test_coco_eval_bbox"]
     pictures = draw_predictions(output_dir, data.val_images, data.val_json, output_dir / "predictions",
                                 args.num_pictures, args.device)
-    from deformable_detr.plot import plot_logs
-
     curves = plot_logs([output_dir])
     minutes = (time.time() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min: COCO bbox on {args.num_val} synthetic validation images\n"
