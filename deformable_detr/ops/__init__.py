@@ -1,17 +1,49 @@
 """Multi-scale deformable attention (MSDA), one public call with per-device backends.
 
-``ms_deform_attn`` validates its inputs and dispatches to a backend. ``reference`` (pure PyTorch, in
-``reference.py``) is always importable and is the specification the faster backends are tested against.
+``ms_deform_attn`` validates its inputs and dispatches to a backend:
+
+* ``reference``: pure PyTorch (``reference.py``), any device and float dtype, twice differentiable. It is the
+  specification the faster backends are tested against.
+* ``cpu``: Numba kernels (``cpu.py``, needs ``numba``; compiled at first use and cached on disk). float32 and float64
+  run natively; any other floating dtype (float16, bfloat16) is cast to float32 for the op and the output cast back
+  to it (the casts are ordinary autograd ops, so the gradients come back in the input dtypes).
+* ``triton``: Triton kernels (``triton_kernels.py``, needs ``triton``) for CUDA tensors; on CPU tensors only when
+  ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, it is how CI tests the kernels without a GPU).
+
+``backend="auto"`` picks ``triton`` for CUDA tensors when triton is installed, ``cpu`` for CPU tensors when numba is
+installed, and ``reference`` otherwise (other devices, or the package missing). A backend asked for by name that
+cannot run raises ``RuntimeError`` saying why; there is no silent fallback. ``available_backends(device)`` lists
+what can run.
+
+torch integration: the fast backends are ``torch.library`` custom ops (``deformable_detr::ms_deform_attn_cpu`` and
+``deformable_detr::ms_deform_attn_triton``, each with a ``..._backward`` op), with ``register_autograd`` and
+``register_fake``, so ``torch.compile(fullgraph=True)`` traces them as single graph nodes without a graph break.
+Spatial shapes travel as a flat ``int[]`` (H_0, W_0, H_1, W_1, ...); the triton op builds the (L, 2) shape and level
+start tensors on the device from pinned memory with a non-blocking copy, cached per (shapes, device), so no call
+waits for the device. The custom ops' backward is not itself differentiable (no double backward; use
+``reference`` for that). The caller's ``level_start_index`` is checked for shape only; every backend derives the
+level starts from ``spatial_shapes``, so they cannot disagree with it.
+
+Autocast policy: when autocast is enabled for ``value``'s device type, float16 / bfloat16 inputs are cast to float32,
+the op runs with autocast off, and the output is float32, whatever the backend. In the model the sampling locations
+are float32 anyway (float32 reference points plus offsets) and autocast runs ``F.grid_sample`` in its widest input
+dtype (float32 on CPU in any case), so this is what the reference did there already, made explicit. Half precision
+would cost accuracy where it hurts: a bfloat16 location has 8 significant bits, half a pixel on a 134-pixel-wide map.
+float32 and float64 inputs are left as they are (autocast never down-casts them).
 """
 
 from __future__ import annotations
+
+import importlib
+import os
 
 import torch
 from torch import Tensor
 
 from deformable_detr.ops.reference import ms_deform_attn_reference
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "cpu", "triton")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_inputs(
@@ -85,20 +117,218 @@ def ms_deform_attn(
     Args:
         value: (batch, sum(H_l * W_l), num_heads, head_dim).
         spatial_shapes: (num_levels, 2) as a list of (H_l, W_l) ints (preferred: no device sync) or an int64 tensor.
-        level_start_index: (num_levels,) start of each level on dim 1 of ``value``; only checked here (the
-            reference derives it from ``spatial_shapes``), kept so that kernels taking it share the signature.
+        level_start_index: (num_levels,) start of each level on dim 1 of ``value``; only checked here (every backend
+            derives it from ``spatial_shapes``), kept so that callers of the official signature work unchanged.
         sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2), (x, y) in [0, 1] on the
             map (points outside read zeros).
         attention_weights: (batch, num_queries, num_heads, num_levels, num_points).
-        backend: ``"auto"`` or one of ``BACKENDS``.
+        backend: ``"auto"`` or one of ``BACKENDS`` (see the module docstring).
 
     Returns:
-        (batch, num_queries, num_heads * head_dim), dtype of ``value``.
+        (batch, num_queries, num_heads * head_dim), dtype of ``value`` (float32 under autocast for half inputs).
     """
-    shapes = _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown MSDA backend {backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
-    return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+    device_type = value.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        value, sampling_locations, attention_weights = (
+            tensor.float() if tensor.dtype in _HALF_DTYPES else tensor
+            for tensor in (value, sampling_locations, attention_weights)
+        )
+        with torch.autocast(device_type, enabled=False):
+            return ms_deform_attn(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend=backend
+            )
+    shapes = _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    chosen = _resolve_backend(backend, value.device)
+    if chosen == "reference":
+        return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+    flat_shapes = [size for height_width in shapes for size in height_width]
+    if chosen == "triton":
+        return torch.ops.deformable_detr.ms_deform_attn_triton(
+            value, flat_shapes, sampling_locations, attention_weights
+        )
+    if value.dtype in (torch.float32, torch.float64):
+        return torch.ops.deformable_detr.ms_deform_attn_cpu(value, flat_shapes, sampling_locations, attention_weights)
+    # The Numba kernels exist for float32 and float64 only: other float dtypes go through float32.
+    output = torch.ops.deformable_detr.ms_deform_attn_cpu(
+        value.float(), flat_shapes, sampling_locations.float(), attention_weights.float()
+    )
+    return output.to(value.dtype)
+
+
+def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The backends of ``BACKENDS`` that can run on tensors of ``device`` in this process."""
+    device = torch.device(device)
+    return tuple(name for name in BACKENDS if _why_unavailable(name, device) is None)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run: ``backend`` itself if it can run on ``device`` (else RuntimeError), or auto's choice."""
+    if backend == "auto":
+        fast = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+        return fast if fast is not None and _why_unavailable(fast, device) is None else "reference"
+    reason = _why_unavailable(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"MSDA backend {backend!r} cannot run here: {reason}")
+    return backend
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on tensors of ``device``, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"it runs on CPU tensors and value is on {device} (use 'triton' or 'reference')"
+        return _import_problem("numba")
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return (
+                "it runs on CUDA tensors and value is on cpu (set TRITON_INTERPRET=1 before triton is imported to "
+                "run the kernels in Triton's interpreter on CPU)"
+            )
+    elif device.type != "cuda":
+        return f"it runs on CUDA tensors and value is on {device}"
+    return _import_problem("triton")
+
+
+_IMPORT_PROBLEMS: dict[str, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def _import_problem(module: str) -> str | None:
+    """None if ``module`` imports, else why not. Cached: a failed import is not retried in this process.
+
+    (``assume_constant_result``: under torch.compile the check runs once at trace time instead of being traced.)
+    """
+    if module not in _IMPORT_PROBLEMS:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            _IMPORT_PROBLEMS[module] = f"{module} cannot be imported ({error}); install it with pip install {module}"
+        else:
+            _IMPORT_PROBLEMS[module] = None
+    return _IMPORT_PROBLEMS[module]
+
+
+def _pairs(flat_shapes: list[int]) -> list[tuple[int, int]]:
+    """[H_0, W_0, H_1, W_1, ...] -> [(H_0, W_0), (H_1, W_1), ...]."""
+    return list(zip(flat_shapes[0::2], flat_shapes[1::2]))
+
+
+def _output_like(value: Tensor, sampling_locations: Tensor) -> Tensor:
+    """An empty (batch, num_queries, num_heads * head_dim) tensor: the fake (meta) result of the forward ops."""
+    batch, _, num_heads, head_dim = value.shape
+    return value.new_empty(batch, sampling_locations.shape[1], num_heads * head_dim)
+
+
+def _gradients_like(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> tuple[Tensor, ...]:
+    """Empty contiguous tensors shaped like the three differentiable inputs: the fake result of the backward ops."""
+    return tuple(tensor.new_empty(tensor.shape) for tensor in (value, sampling_locations, attention_weights))
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    value, flat_shapes, sampling_locations, attention_weights = inputs
+    ctx.save_for_backward(value, sampling_locations, attention_weights)
+    ctx.flat_shapes = flat_shapes
+
+
+# --- cpu backend: Numba kernels, imported at the first call ---
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu", mutates_args=(), device_types="cpu")
+def _ms_deform_attn_cpu(
+    value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    from deformable_detr.ops import cpu
+
+    return cpu.msda_forward(value, _pairs(spatial_shapes), sampling_locations, attention_weights)
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_cpu_backward", mutates_args=(), device_types="cpu")
+def _ms_deform_attn_cpu_backward(
+    grad_output: Tensor, value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from deformable_detr.ops import cpu
+
+    return cpu.msda_backward(grad_output, value, _pairs(spatial_shapes), sampling_locations, attention_weights)
+
+
+def _backward_cpu(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    value, sampling_locations, attention_weights = ctx.saved_tensors
+    grads = _ms_deform_attn_cpu_backward(grad_output, value, ctx.flat_shapes, sampling_locations, attention_weights)
+    return grads[0], None, grads[1], grads[2]
+
+
+_ms_deform_attn_cpu.register_fake(lambda value, shapes, locations, weights: _output_like(value, locations))
+_ms_deform_attn_cpu_backward.register_fake(
+    lambda grad_output, value, shapes, locations, weights: _gradients_like(value, locations, weights)
+)
+_ms_deform_attn_cpu.register_autograd(_backward_cpu, setup_context=_setup_context)
+
+
+# --- triton backend: CUDA, or CPU under TRITON_INTERPRET=1; triton_kernels is imported at the first call ---
+
+_SHAPE_TENSORS: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] = {}
+_SHAPE_TENSORS_MAX = 64  # distinct (shapes, device) pairs kept; multi-scale training sees a few dozen shapes
+
+
+def _shape_tensors(flat_shapes: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(spatial_shapes (L, 2), level_start_index (L,)) int64 on ``device``, without the host waiting for it."""
+    key = (tuple(flat_shapes), device)
+    cached = _SHAPE_TENSORS.get(key)
+    if cached is None:
+        shapes = torch.tensor(flat_shapes, dtype=torch.long).view(-1, 2)
+        starts = torch.zeros(len(shapes), dtype=torch.long)
+        starts[1:] = (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]
+        if device.type == "cuda":
+            # From pinned memory a non-blocking copy is queued on the current stream and the host goes on; kernels
+            # queued after it on that stream see the data.
+            shapes, starts = (tensor.pin_memory().to(device, non_blocking=True) for tensor in (shapes, starts))
+        else:
+            shapes, starts = shapes.to(device), starts.to(device)
+        if len(_SHAPE_TENSORS) >= _SHAPE_TENSORS_MAX:
+            _SHAPE_TENSORS.clear()
+        cached = _SHAPE_TENSORS[key] = (shapes, starts)
+    return cached
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_triton", mutates_args=())
+def _ms_deform_attn_triton(
+    value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    from deformable_detr.ops import triton_kernels
+
+    shapes, starts = _shape_tensors(spatial_shapes, value.device)
+    return triton_kernels.msda_forward(value, shapes, starts, sampling_locations, attention_weights)
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_triton_backward", mutates_args=())
+def _ms_deform_attn_triton_backward(
+    grad_output: Tensor, value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from deformable_detr.ops import triton_kernels
+
+    shapes, starts = _shape_tensors(spatial_shapes, value.device)
+    return triton_kernels.msda_backward(grad_output, value, shapes, starts, sampling_locations, attention_weights)
+
+
+def _backward_triton(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    value, sampling_locations, attention_weights = ctx.saved_tensors
+    grads = _ms_deform_attn_triton_backward(
+        grad_output, value, ctx.flat_shapes, sampling_locations, attention_weights
+    )
+    return grads[0], None, grads[1], grads[2]
+
+
+_ms_deform_attn_triton.register_fake(lambda value, shapes, locations, weights: _output_like(value, locations))
+_ms_deform_attn_triton_backward.register_fake(
+    lambda grad_output, value, shapes, locations, weights: _gradients_like(value, locations, weights)
+)
+_ms_deform_attn_triton.register_autograd(_backward_triton, setup_context=_setup_context)
 
 
 def level_start_index_of(spatial_shapes: list[tuple[int, int]], device: torch.device | None = None) -> Tensor:
@@ -110,4 +340,4 @@ def level_start_index_of(spatial_shapes: list[tuple[int, int]], device: torch.de
     return torch.tensor(starts, dtype=torch.long, device=device)
 
 
-__all__ = ["BACKENDS", "level_start_index_of", "ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = ["BACKENDS", "available_backends", "level_start_index_of", "ms_deform_attn", "ms_deform_attn_reference"]
