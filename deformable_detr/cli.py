@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from deformable_detr.ops import BackendUnavailableError
     from deformable_detr.verify import ReferenceFileError, verify_files
 
     paths: list[str] = []
@@ -21,7 +22,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         passed = verify_files(paths, device=args.device, backend=args.backend, save=args.save,
                               only_failures=args.failures_only)
-    except ReferenceFileError as error:
+    except (ReferenceFileError, BackendUnavailableError) as error:
         print(f"ddetr verify: {error}", file=sys.stderr)
         return 2
     print("verify: all checks passed" if passed else "verify: SOME CHECKS FAILED")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -46,3 +47,12 @@ def test_verify_rejects_a_file_that_is_not_a_reference(tmp_path):
     not_npz.write_text("hello")
     result = _ddetr("verify", str(not_npz))
     assert result.returncode == 2 and "not a numpy .npz archive" in result.stderr
+
+
+def test_verify_with_a_backend_that_cannot_run_says_why(reference_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "deformable_detr", "verify", str(reference_path / "msda_core.npz"),
+                             "--backend", "triton", "--device", "cpu"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 2
+    assert "backend 'triton' cannot run here: it runs on CUDA tensors" in result.stderr

@@ -42,6 +42,11 @@ from torch import Tensor
 
 from deformable_detr.ops.reference import ms_deform_attn_reference
 
+
+class BackendUnavailableError(RuntimeError):
+    """An MSDA backend asked for by name cannot run on these inputs (wrong device, package missing)."""
+
+
 BACKENDS = ("reference", "cpu", "triton")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -170,7 +175,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return fast if fast is not None and _why_unavailable(fast, device) is None else "reference"
     reason = _why_unavailable(backend, device)
     if reason is not None:
-        raise RuntimeError(f"MSDA backend {backend!r} cannot run here: {reason}")
+        raise BackendUnavailableError(f"MSDA backend {backend!r} cannot run here: {reason}")
     return backend
 
 
@@ -340,4 +345,5 @@ def level_start_index_of(spatial_shapes: list[tuple[int, int]], device: torch.de
     return torch.tensor(starts, dtype=torch.long, device=device)
 
 
-__all__ = ["BACKENDS", "available_backends", "level_start_index_of", "ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "level_start_index_of", "ms_deform_attn",
+           "ms_deform_attn_reference"]
