@@ -34,8 +34,8 @@ DEMO_TRAIN_FLAGS = [
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="demo_output", help="dataset, checkpoints, log.txt and pictures")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--lr_drop", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr_drop", type=int, default=8)
     parser.add_argument("--num_train", type=int, default=1000, help="synthetic training images")
     parser.add_argument("--num_val", type=int, default=200, help="synthetic validation images")
     parser.add_argument("--image_size", type=int, default=128, help="synthetic image side")
