@@ -37,7 +37,7 @@ def plot_logs(output_dirs: list[str | Path], out: str | Path | None = None) -> P
         axes[0].plot(epochs, [e.get("train_loss") for e in entries], label=f"{name} train")
         tested = [e for e in entries if "test_loss" in e]
         if tested:
-            axes[0].plot([e["epoch"] for e in tested], [e["test_loss"] for e in tested], "--", label=f"{name} test")
+            axes[0].plot([e["epoch"] for e in tested], [e["test_loss"] for e in tested], "o--", label=f"{name} test")
         for term in ("loss_ce", "loss_bbox", "loss_giou"):
             axes[1].plot(epochs, [e.get(f"train_{term}_unscaled") for e in entries], label=f"{name} {term}")
         evaluated = [e for e in entries if "test_coco_eval_bbox" in e]
