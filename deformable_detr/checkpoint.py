@@ -46,8 +46,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             f"checkpoint {path}: holds Python objects that safe loading refuses ({error}); if you trust the file, "
             "load it with trusted=True"
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"checkpoint {path}: unreadable or truncated file ({error})") from error
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as error:
+        # torch.load reports a file that is not a torch archive in several ways, KeyError among them.
+        raise CheckpointError(f"checkpoint {path}: unreadable or truncated file, or not a torch checkpoint "
+                              f"({type(error).__name__}: {error})") from error
     if isinstance(checkpoint, dict) and "model" not in checkpoint and checkpoint and all(
         isinstance(v, torch.Tensor) for v in checkpoint.values()
     ):

@@ -69,6 +69,30 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from deformable_detr.predict import main as predict_main
+
+    return predict_main(args)
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from deformable_detr.checkpoint import CheckpointError
+    from deformable_detr.export import export_checkpoint
+
+    try:
+        check = export_checkpoint(args.checkpoint, args.out, args.size[0], args.size[1], variant=args.variant,
+                                  opset=args.opset, exporter=args.exporter, tolerance=args.tolerance)
+    except (CheckpointError, ValueError) as error:
+        print(f"ddetr export onnx: {error}", file=sys.stderr)
+        return 2
+    if not check.passed(args.tolerance):
+        print(f"ddetr export onnx: onnxruntime and PyTorch disagree (max relative error "
+              f"{check.max_relative_error:.2e} > {args.tolerance:g}, or different labels)", file=sys.stderr)
+        return 1
+    print(f"export onnx: check passed, wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddetr", description="Deformable DETR: verify, train, evaluate, predict.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +141,51 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--colour_by_class", action="store_true", help="tie each class to one hue (easier)")
     synthetic.set_defaults(handler=_make_synthetic)
+
+    from deformable_detr.config import VARIANTS
+
+    predict = commands.add_parser(
+        "predict", help="detect objects in images: COCO-results JSON and annotated pictures",
+        description="Runs a checkpoint (ours or official) on image files, folders and glob patterns; writes "
+        "OUT/detections.json (COCO results format) and OUT/<name>_detections.png per image. Unreadable inputs are "
+        "reported and skipped; exit code 1 if any failed, 2 for a bad checkpoint or option.",
+    )
+    predict.add_argument("checkpoint", help="checkpoint of ddetr train or of the official code")
+    predict.add_argument("inputs", nargs="+", help="image files, folders (their image files) or glob patterns")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this")
+    predict.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    predict.add_argument("--batch-size", type=int, default=1, help="images per forward pass (padded together)")
+    predict.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision")
+    predict.add_argument("--variant", choices=list(VARIANTS), default=None,
+                         help="official variant, for checkpoints without args (single_scale_dc5 cannot be told "
+                         "from the weights)")
+    predict.add_argument("--show-sampling-points", type=int, nargs="?", const=-1, default=None, metavar="QUERY",
+                         help="also draw the last decoder layer's sampling points of query QUERY (default: the top "
+                         "detection's) coloured by attention weight, to OUT/<name>_sampling_points.png")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser("export", help="export a checkpoint for deployment (onnx)")
+    formats = export.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser(
+        "onnx", help="the detector with post-processing as ONNX, checked with onnxruntime",
+        description="Exports the detector and its post-processing (inputs: images (B,3,H,W) normalised and padded, "
+        "mask (B,H,W) True on padding, original_sizes (B,2); outputs: scores, labels, boxes in original pixels) "
+        "with a dynamic batch and a fixed H x W, then runs the file with onnxruntime and PyTorch on sample "
+        "batches and prints the largest relative error. Exit code 1 if it exceeds --tolerance, 2 for bad input.",
+    )
+    onnx.add_argument("checkpoint", help="checkpoint of ddetr train or of the official code")
+    onnx.add_argument("out", help="the .onnx file to write")
+    onnx.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("HEIGHT", "WIDTH"),
+                      help="input size of the graph (default 800 1333: any eval-resized landscape image fits; pad "
+                      "smaller ones and mark the padding in the mask)")
+    onnx.add_argument("--variant", choices=list(VARIANTS), default=None, help="as for predict")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16, for GridSample)")
+    onnx.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                      help="torch.export-based (default) or the legacy TorchScript tracer (faster, deprecated)")
+    onnx.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error accepted")
+    onnx.set_defaults(handler=_export_onnx)
     return parser
 
 

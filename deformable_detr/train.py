@@ -330,7 +330,8 @@ def run(args: argparse.Namespace) -> dict:
             print_fn(f"epoch {epoch}: {skipped} unreadable image(s) skipped so far (see the warnings above)")
         if output_dir and info.is_main:
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}
+                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+                          "categories": train_set.categories}  # {label: name}, read by ddetr predict
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
             save_checkpoint(output_dir / "checkpoint.pth", checkpoint)

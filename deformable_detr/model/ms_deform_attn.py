@@ -57,30 +57,25 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(
-        self,
-        query: Tensor,
-        reference_points: Tensor,
-        input_flatten: Tensor,
-        spatial_shapes: list[tuple[int, int]],
-        level_start_index: Tensor,
-        input_padding_mask: Tensor | None = None,
-    ) -> Tensor:
-        """
+    def sampling_locations_and_weights(self, query: Tensor, reference_points: Tensor,
+                                       spatial_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Where each query samples and how much each sample weighs (eq. 3: p_q + delta p_mlqk and A_mlqk).
+
+        ``forward`` calls this, and so can a hook that wants to show the samples (``ddetr predict
+        --show-sampling-points``): both see the same numbers by construction.
+
         Args:
             query: (batch, num_queries, d_model), content plus position embedding.
             reference_points: (batch, num_queries, num_levels, 2) points (x, y) in [0, 1], or
                 (batch, num_queries, num_levels, 4) boxes (cx, cy, w, h): offsets are then relative to the box size.
-            input_flatten: (batch, sum(H_l * W_l), d_model), the levels' features concatenated.
             spatial_shapes: (H_l, W_l) per level, Python ints.
-            level_start_index: (num_levels,) int64.
-            input_padding_mask: (batch, sum(H_l * W_l)) bool, True on padding (its values read as zero).
 
         Returns:
-            (batch, num_queries, d_model)
+            sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2), (x, y) normalised to
+            each level's (padded) map; attention_weights: (batch, num_queries, num_heads, num_levels, num_points),
+            summing to 1 over levels and points of each head.
         """
         batch, num_queries, _ = query.shape
-        _, num_values, _ = input_flatten.shape
         if reference_points.dim() != 4 or reference_points.shape[-1] not in (2, 4):
             raise ValueError(
                 "reference_points must have shape (batch, num_queries, num_levels, 2 or 4), "
@@ -88,12 +83,6 @@ class MSDeformAttn(nn.Module):
             )
         if len(spatial_shapes) != self.num_levels:
             raise ValueError(f"spatial_shapes has {len(spatial_shapes)} levels, the module has {self.num_levels}")
-
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        # (batch, values, heads, head_dim)
-        value = value.view(batch, num_values, self.num_heads, self.d_model // self.num_heads)
         # (batch, queries, heads, levels, points, 2)
         sampling_offsets = self.sampling_offsets(query).view(
             batch, num_queries, self.num_heads, self.num_levels, self.num_points, 2
@@ -120,6 +109,39 @@ class MSDeformAttn(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
+        return sampling_locations, attention_weights
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        input_flatten: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        level_start_index: Tensor,
+        input_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            query: (batch, num_queries, d_model), content plus position embedding.
+            reference_points: (batch, num_queries, num_levels, 2) points (x, y) in [0, 1], or
+                (batch, num_queries, num_levels, 4) boxes (cx, cy, w, h): offsets are then relative to the box size.
+            input_flatten: (batch, sum(H_l * W_l), d_model), the levels' features concatenated.
+            spatial_shapes: (H_l, W_l) per level, Python ints.
+            level_start_index: (num_levels,) int64.
+            input_padding_mask: (batch, sum(H_l * W_l)) bool, True on padding (its values read as zero).
+
+        Returns:
+            (batch, num_queries, d_model)
+        """
+        sampling_locations, attention_weights = self.sampling_locations_and_weights(
+            query, reference_points, spatial_shapes
+        )
+        batch, num_values, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        # (batch, values, heads, head_dim)
+        value = value.view(batch, num_values, self.num_heads, self.d_model // self.num_heads)
         output = ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend=self.backend
         )

@@ -1,0 +1,153 @@
+"""Which model a checkpoint holds: the :class:`ModelConfig` to rebuild it, from its ``args`` or from its weights.
+
+Our checkpoints (written by ``ddetr train``) carry the training flags as ``args``, and the model is rebuilt from them
+exactly as training built it. The official checkpoints carry the official ``main.py`` Namespace, and other files a
+bare state_dict: there the architecture is read off the weights (which keys exist, their shapes), and the flags the
+weights cannot tell (DC5's dilation, the number of heads, the two-stage proposal count) come from the official
+Namespace when there is one, else from ``variant`` and the official defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+from deformable_detr.checkpoint import CheckpointError
+from deformable_detr.config import VARIANTS, ModelConfig, model_config
+
+# Keys every Deformable DETR state_dict has, whatever the variant.
+REQUIRED_KEYS = ("backbone.0.body.conv1.weight", "input_proj.0.0.weight", "transformer.level_embed",
+                 "class_embed.0.weight", "bbox_embed.0.layers.0.weight")
+TWO_STAGE_KEY = "transformer.decoder.class_embed.0.weight"
+BOX_REFINE_KEY = "transformer.decoder.bbox_embed.0.layers.0.weight"
+
+# Layer3 blocks identify the ResNet depth: (bottleneck?, blocks) -> name.
+_RESNET_BY_LAYER3 = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+
+
+def is_our_args(args: Any) -> bool:
+    """True for the Namespace of ``ddetr train`` (it has our additions), False for the official one or none."""
+    return isinstance(args, argparse.Namespace) and hasattr(args, "val_size") and hasattr(args, "msda_backend")
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raises :class:`CheckpointError` naming what was found when ``state_dict`` is not a Deformable DETR one."""
+    missing = [key for key in REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        keys = list(state_dict)
+        raise CheckpointError(
+            f"{source}: not a Deformable DETR checkpoint: its 'model' state_dict has {len(keys)} key(s) "
+            f"(first: {keys[:6]}) and lacks {missing} (expected the official parameter names, e.g. "
+            "'backbone.0.body.conv1.weight', 'transformer.level_embed', 'class_embed.0.weight')"
+        )
+
+
+def _count(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
+    """How many distinct indices N the keys matching ``pattern`` (a regex with one group for N) have."""
+    regex = re.compile(pattern)
+    return len({match.group(1) for key in state_dict if (match := regex.match(key))})
+
+
+def _from_args(args: argparse.Namespace, num_classes: int) -> ModelConfig:
+    # Imported here: train pulls in the data and training stack, which inference does not otherwise need.
+    from deformable_detr.train import add_train_arguments, model_config_from_args
+
+    # Flags added after a checkpoint was written take their defaults.
+    defaults = vars(add_train_arguments(argparse.ArgumentParser()).parse_args([]))
+    return model_config_from_args(argparse.Namespace(**{**defaults, **vars(args)}), num_classes)
+
+
+def _from_weights(state_dict: dict[str, torch.Tensor], args: argparse.Namespace | None,
+                  variant: str | None) -> ModelConfig:
+    """Reads the architecture off the weights; what they cannot tell comes from ``args``, then ``variant``."""
+
+    def flag(name: str, default: Any) -> Any:
+        return getattr(args, name, default) if args is not None else default
+
+    two_stage = TWO_STAGE_KEY in state_dict
+    with_box_refine = BOX_REFINE_KEY in state_dict
+    num_feature_levels = _count(state_dict, r"input_proj\.(\d+)\.")
+    preset = VARIANTS[variant] if variant else {}
+    if variant:
+        implied = {"num_feature_levels": 4, "with_box_refine": False, "two_stage": False, **preset}
+        found = {"num_feature_levels": num_feature_levels if num_feature_levels == 1 else 4,
+                 "with_box_refine": with_box_refine, "two_stage": two_stage}
+        clashes = {k: (implied[k], found[k]) for k in found if implied[k] != found[k]}
+        if clashes:
+            raise CheckpointError(
+                f"variant {variant!r} does not fit the checkpoint's weights: "
+                + ", ".join(f"{k}: variant {a}, weights {b}" for k, (a, b) in clashes.items())
+            )
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+    layer3_blocks = _count(state_dict, r"backbone\.0\.body\.layer3\.(\d+)\.")
+    backbone = _RESNET_BY_LAYER3.get((bottleneck, layer3_blocks))
+    if backbone is None:
+        raise CheckpointError(f"the backbone weights are no known ResNet ({layer3_blocks} blocks in layer3, "
+                              f"{'bottleneck' if bottleneck else 'basic'} blocks); expected one of "
+                              f"{sorted(set(_RESNET_BY_LAYER3.values()))}")
+    hidden_dim = int(state_dict["transformer.level_embed"].shape[1])
+    nheads = int(flag("nheads", 8))
+    levels_heads = num_feature_levels * nheads
+
+    def points(key: str) -> int:
+        outputs = int(state_dict[key].shape[0])
+        if outputs % levels_heads:
+            raise CheckpointError(f"{key} has {outputs} outputs, not a multiple of num_feature_levels x nheads = "
+                                  f"{num_feature_levels} x {nheads}; pass the checkpoint's nheads")
+        return outputs // levels_heads
+
+    enc_layers = _count(state_dict, r"transformer\.encoder\.layers\.(\d+)\.")
+    dec_layers = _count(state_dict, r"transformer\.decoder\.layers\.(\d+)\.")
+    options: dict[str, Any] = dict(
+        num_classes=int(state_dict["class_embed.0.weight"].shape[0]), backbone=backbone,
+        dilation=bool(preset.get("dilation")) or bool(flag("dilation", False)),
+        position_embedding_scale=float(flag("position_embedding_scale", ModelConfig.position_embedding_scale)),
+        num_feature_levels=num_feature_levels, enc_layers=enc_layers, dec_layers=dec_layers,
+        dim_feedforward=int(state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0])
+        if enc_layers else int(state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0]),
+        hidden_dim=hidden_dim, nheads=nheads,
+        num_queries=int(state_dict["query_embed.weight"].shape[0]) if not two_stage
+        else int(flag("num_queries", ModelConfig.num_queries)),
+        with_box_refine=with_box_refine, two_stage=two_stage,
+    )
+    if enc_layers:
+        options["enc_n_points"] = points("transformer.encoder.layers.0.self_attn.attention_weights.weight")
+    if dec_layers:
+        options["dec_n_points"] = points("transformer.decoder.layers.0.cross_attn.attention_weights.weight")
+    return model_config("deformable_detr", **options)
+
+
+def config_from_checkpoint(checkpoint: dict[str, Any], source: str, variant: str | None = None,
+                           msda_backend: str = "auto") -> ModelConfig:
+    """The :class:`ModelConfig` of the model in ``checkpoint`` (a dict from ``read_checkpoint``).
+
+    Args:
+        checkpoint: ``{"model": state_dict, ...}``, optionally with ``args`` (ours or the official Namespace).
+        source: the file's name, for error messages.
+        variant: an official variant name (``config.VARIANTS``) for what the weights cannot tell, chiefly DC5
+            (``single_scale_dc5``), when the checkpoint has no ``args``; it must agree with the weights.
+        msda_backend: the deformable attention backend to build the model with (not the one it was trained with).
+    """
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+    state_dict = checkpoint["model"]
+    check_state_dict(state_dict, source)
+    args = checkpoint.get("args")
+    num_classes = int(state_dict["class_embed.0.weight"].shape[0])
+    try:
+        if is_our_args(args):
+            config = _from_args(args, num_classes)
+            if variant is not None and VARIANTS[variant].get("dilation", False) != config.dilation:
+                raise CheckpointError(f"variant {variant!r} disagrees with the checkpoint's args "
+                                      f"(dilation={config.dilation})")
+        else:
+            config = _from_weights(state_dict, args if isinstance(args, argparse.Namespace) else None, variant)
+    except (ValueError, KeyError) as error:
+        if isinstance(error, CheckpointError):
+            raise CheckpointError(f"{source}: {error}") from error
+        raise CheckpointError(f"{source}: cannot rebuild the model from this checkpoint ({error})") from error
+    return dataclasses.replace(config, msda_backend=msda_backend)

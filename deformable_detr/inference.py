@@ -1,0 +1,295 @@
+"""Inference: a trained checkpoint in, boxes in original-image pixels out.
+
+>>> detector = Detector.from_checkpoint("exps/mine/checkpoint.pth")
+>>> result = detector.predict("street.jpg")            # or a PIL image, an HWC uint8 array, a CHW tensor, a list
+>>> result.boxes, result.scores, result.labels, result.label_names
+
+Images are prepared as the evaluation transform does (short side ``val_size``, long side at most ``max_size``,
+ImageNet normalisation), padded into batches with a mask, run through the detector and the official
+post-processing (top 100 over queries x classes), and the detections scoring at least the threshold are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torchvision.transforms.functional as TF
+from torch import Tensor, nn
+
+from deformable_detr.box_ops import box_cxcywh_to_xyxy
+from deformable_detr.checkpoint import CheckpointError, load_model_state, read_checkpoint
+from deformable_detr.checkpoint_config import config_from_checkpoint, is_our_args
+from deformable_detr.config import ModelConfig
+from deformable_detr.data.coco import load_rgb_image, to_rgb
+from deformable_detr.data.coco_names import COCO_CATEGORIES, COCO_NUM_CLASSES
+from deformable_detr.data.collate import batch_images
+from deformable_detr.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OFFICIAL_MAX_SIZE,
+    OFFICIAL_VAL_SIZE,
+    make_coco_transforms,
+    resize,
+)
+from deformable_detr.model.build import build_from_config
+from deformable_detr.model.postprocess import PostProcess
+from deformable_detr.optimize import optimize_for_inference
+from deformable_detr.sampling_points import SamplingPointRecorder, SamplingPoints, to_image_pixels
+
+ImageInput = str | Path | PIL.Image.Image | np.ndarray | Tensor
+"""A file path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) / (1, H, W) float tensor in [0, 1]."""
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Detections:
+    """The detections of one image, by decreasing score.
+
+    boxes: (N, 4) float32 (x0, y0, x1, y1) in pixels of the original image; scores: (N,) sigmoid probabilities;
+    labels: (N,) int64 class indices (= category ids for COCO-format data); label_names: N names;
+    query_indices: (N,) int64, the decoder query each detection comes from (a query may give several labels);
+    image_size: (height, width) of the original image; sampling_points: every query's last-layer sampling points
+    when asked for (``predict(..., sampling_points=True)``).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    label_names: list[str]
+    query_indices: Tensor
+    image_size: tuple[int, int]
+    sampling_points: SamplingPoints | None = None
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_coco(self, image_id: int | str, file_name: str | None = None) -> list[dict[str, Any]]:
+        """COCO results: one ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` per detection (plus
+        ``file_name`` when given)."""
+        results = []
+        for box, score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist()):
+            x0, y0, x1, y1 = box
+            entry: dict[str, Any] = {"image_id": image_id, "category_id": int(label),
+                                     "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                                     "score": round(float(score), 5)}
+            if file_name is not None:
+                entry["file_name"] = file_name
+            results.append(entry)
+        return results
+
+
+@dataclass
+class PreparedImage:
+    """image: (3, h, w) normalised, resized as the eval transform; original_size: (height, width) before that."""
+
+    image: Tensor
+    original_size: tuple[int, int]
+
+
+def class_names_of(checkpoint: dict[str, Any], num_classes: int) -> dict[int, str]:
+    """{label: name}: the checkpoint's ``categories`` (written by ``ddetr train``), else COCO's for a 91-logit model
+    (the official checkpoints), else none (labels print as numbers)."""
+    categories = checkpoint.get("categories")
+    if isinstance(categories, dict) and categories:
+        return {int(k): str(v) for k, v in categories.items()}
+    if num_classes == COCO_NUM_CLASSES:
+        return dict(COCO_CATEGORIES)
+    return {}
+
+
+def _as_image(image: ImageInput, position: int) -> PIL.Image.Image | Tensor:
+    """A PIL RGB image, or a (3, H, W) float tensor in [0, 1]; errors name the input and what was expected."""
+    if isinstance(image, (str, Path)):
+        return load_rgb_image(image)
+    if isinstance(image, PIL.Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+            raise ValueError(f"image {position}: numpy images must be uint8 (H, W, 3), (H, W, 4), (H, W, 1) or "
+                             f"(H, W), got {image.dtype} {image.shape}")
+        return to_rgb(PIL.Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image))
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] not in (1, 3) or not image.is_floating_point():
+            raise ValueError(f"image {position}: tensors must be float (3, H, W) or (1, H, W) in [0, 1] (a batch: "
+                             f"(B, 3, H, W)), got {image.dtype} {tuple(image.shape)}")
+        low, high = float(image.min()), float(image.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"image {position}: tensor values must be in [0, 1] (un-normalised RGB), found "
+                             f"[{low:.3g}, {high:.3g}]" + ("; divide by 255" if high > 1.0 else ""))
+        return image.float().expand(3, -1, -1) if image.shape[0] == 1 else image.float()
+    raise TypeError(f"image {position}: expected a path, PIL image, numpy uint8 array or float tensor, "
+                    f"got {type(image).__name__}")
+
+
+def _check_file_format(path: str | Path) -> None:
+    """Refuses a file that is no ``torch.save`` output (a zip archive, or a pickle for files written before PyTorch
+    1.6) before unpickling it, which would misread text as pickle opcodes and report something unrelated."""
+    path = Path(path)
+    if not path.is_file():
+        return  # read_checkpoint says "no such file"
+    with path.open("rb") as file:
+        head = file.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"checkpoint {path}: unreadable, not a PyTorch checkpoint file (it starts with "
+                              f"{head!r}; torch.save writes a zip archive, or a pickle before PyTorch 1.6)")
+
+
+class Detector:
+    """A Deformable DETR ready for inference: model, post-processing, class names and the eval resize.
+
+    ``dtype``: float32 (default) or float64 run the model in that precision; float16 / bfloat16 run it under
+    autocast (mixed precision; deformable attention and the box arithmetic stay float32). ``optimize`` runs an
+    optimised copy (:func:`deformable_detr.optimize.optimize_for_inference`); without it, ``model`` itself is put in
+    eval mode and moved to ``device``.
+    """
+
+    def __init__(self, model: nn.Module, config: ModelConfig, class_names: dict[int, str] | None = None, *,
+                 val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, score_threshold: float = 0.5,
+                 optimize: bool = True) -> None:
+        if dtype not in (torch.float32, torch.float64, *_HALF_DTYPES):
+            raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        if val_size < 1 or max_size < val_size:
+            raise ValueError(f"need 1 <= val_size <= max_size, got val_size={val_size}, max_size={max_size}")
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        model = model.eval()
+        # Folding copies the model; the caller's module stays untouched.
+        self.model = optimize_for_inference(model) if optimize else model
+        self.optimized = optimize
+        self.model.to(self.device, torch.float64 if dtype == torch.float64 else torch.float32)
+        self.postprocess = PostProcess(config.num_detections)
+        self.class_names = dict(class_names or {})
+        self.val_size = val_size
+        self.max_size = max_size
+        self.score_threshold = score_threshold
+        self._transform = make_coco_transforms("val", val_size=val_size, max_size=max_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        score_threshold: float = 0.5, *, variant: str | None = None, msda_backend: str = "auto",
+                        val_size: int | None = None, max_size: int | None = None, optimize: bool = True,
+                        trusted: bool = False) -> Detector:
+        """A detector from a checkpoint of ``ddetr train`` or of the official code (or a bare state_dict).
+
+        The architecture comes from the checkpoint's ``args`` when ``ddetr train`` wrote it, else from its weights
+        (see :mod:`deformable_detr.checkpoint_config`; ``variant="single_scale_dc5"`` for a DC5 checkpoint without
+        args). Class names: the checkpoint's ``categories``, else COCO's for 91 classes. The eval resize:
+        ``val_size`` / ``max_size`` if given, else the checkpoint's ``--val_size`` / ``--max_size``, else 800 / 1333.
+        ``optimize`` folds the frozen batch norms (:mod:`deformable_detr.optimize`).
+        """
+        _check_file_format(path)
+        try:
+            checkpoint = read_checkpoint(path, map_location="cpu", trusted=trusted)
+        except CheckpointError:
+            raise
+        except Exception as error:  # torch.load's unpickler raises assorted errors on bytes that are no checkpoint
+            raise CheckpointError(f"checkpoint {path}: unreadable, not a PyTorch checkpoint file "
+                                  f"({type(error).__name__}: {error})") from error
+        config = config_from_checkpoint(checkpoint, str(path), variant=variant, msda_backend=msda_backend)
+        model, _, _ = build_from_config(config)
+        try:
+            load_model_state(model, checkpoint["model"])
+        except ValueError as error:
+            raise type(error)(f"{path}: {error}") from error
+        args = checkpoint.get("args")
+        ours = is_our_args(args)
+        return cls(model, config, class_names_of(checkpoint, config.num_classes),
+                   val_size=val_size or (args.val_size if ours else OFFICIAL_VAL_SIZE),
+                   max_size=max_size or (args.max_size if ours else OFFICIAL_MAX_SIZE),
+                   device=device, dtype=dtype, score_threshold=score_threshold, optimize=optimize)
+
+    def label_name(self, label: int) -> str:
+        return self.class_names.get(int(label), str(int(label)))
+
+    def prepare(self, image: ImageInput, position: int = 0) -> PreparedImage:
+        """Loads / converts one image and applies the eval transform (PIL images exactly as ``ddetr eval``)."""
+        image = _as_image(image, position)
+        if isinstance(image, PIL.Image.Image):
+            tensor, _ = self._transform(image, None)
+            return PreparedImage(tensor, (image.height, image.width))
+        original = (int(image.shape[1]), int(image.shape[2]))
+        resized, _ = resize(image, None, self.val_size, self.max_size)
+        return PreparedImage(TF.normalize(resized, IMAGENET_MEAN, IMAGENET_STD), original)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype in _HALF_DTYPES:
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def run_batch(self, prepared: Sequence[PreparedImage], score_threshold: float | None = None,
+                  sampling_points: bool = False) -> list[Detections]:
+        """Pads ``prepared`` images into one batch, runs the model and post-processing."""
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        images, mask = batch_images([p.image for p in prepared])
+        images = images.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32,
+                           memory_format=torch.channels_last if self.optimized else torch.contiguous_format)
+        mask = mask.to(self.device)
+        recorder = SamplingPointRecorder(self.model) if sampling_points else contextlib.nullcontext()
+        try:
+            with recorder, self._autocast():
+                outputs = self.model(images, mask)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if isinstance(error, torch.OutOfMemoryError) or "alloc" in str(error).lower():
+                raise MemoryError(
+                    f"out of memory running {len(prepared)} image(s) padded to {tuple(images.shape[-2:])} on "
+                    f"{self.device}: lower the batch size, or val_size / max_size (now {self.val_size} / "
+                    f"{self.max_size})") from error
+            raise
+        logits, boxes = outputs.pred_logits.float(), outputs.pred_boxes.float()
+        sizes = torch.tensor([p.original_size for p in prepared], device=self.device)
+        detections = self.postprocess({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+        # The same top-k as PostProcess, for the query behind each detection.
+        num_classes = logits.shape[-1]
+        k = detections[0]["scores"].shape[0]
+        query_indices = torch.topk(logits.sigmoid().flatten(1), k, dim=1).indices // num_classes
+        record = recorder.pop() if sampling_points else None
+        results = []
+        for index, (found, queries, item) in enumerate(zip(detections, query_indices, prepared)):
+            keep = found["scores"] >= threshold
+            labels = found["labels"][keep].cpu()
+            points = None
+            if record is not None:
+                height, width = item.original_size
+                scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+                query_boxes = box_cxcywh_to_xyxy(boxes[index]).cpu() * scale
+                points = to_image_pixels(record, index, tuple(images.shape[-2:]), tuple(item.image.shape[-2:]),
+                                         item.original_size, query_boxes, logits[index].sigmoid().cpu())
+            results.append(Detections(found["boxes"][keep].cpu(), found["scores"][keep].cpu(), labels,
+                                      [self.label_name(label) for label in labels.tolist()], queries[keep].cpu(),
+                                      item.original_size, points))
+        return results
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float | None = None,
+                batch_size: int = 4, sampling_points: bool = False) -> Detections | list[Detections]:
+        """Detections for one image (returns one :class:`Detections`) or a list / a (B, 3, H, W) tensor (returns a
+        list), in batches of ``batch_size`` padded images. ``score_threshold`` defaults to the detector's."""
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, Tensor) and images.dim() == 4)
+        items = [images] if single else list(images)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        results: list[Detections] = []
+        for start in range(0, len(items), batch_size):
+            prepared = [self.prepare(image, start + i) for i, image in enumerate(items[start:start + batch_size])]
+            results += self.run_batch(prepared, score_threshold, sampling_points)
+        return results[0] if single else results
+
+    def __repr__(self) -> str:
+        config = dataclasses.asdict(self.config)
+        shape = {k: config[k] for k in ("backbone", "num_feature_levels", "with_box_refine", "two_stage",
+                                        "num_classes", "num_queries", "msda_backend")}
+        return (f"Detector({shape}, device={self.device}, dtype={self.dtype}, val_size={self.val_size}, "
+                f"max_size={self.max_size}, score_threshold={self.score_threshold})")
