@@ -50,3 +50,20 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     wh = (bottom_right - top_left).clamp(min=0)
     enclosing_area = wh[..., 0] * wh[..., 1]
     return iou - (enclosing_area - union) / enclosing_area
+
+
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of matching rows of (N, 4) and (N, 4) xyxy boxes -> (N,): the diagonal of the pairwise matrix without
+    computing the rest."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    intersection = wh[:, 0] * wh[:, 1]
+    union = area1 + area2 - intersection
+    iou = intersection / union
+    top_left = torch.min(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.max(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    enclosing_area = wh[:, 0] * wh[:, 1]
+    return iou - (enclosing_area - union) / enclosing_area

@@ -9,15 +9,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from deformable_detr.checkpoint import load_checkpoint, read_checkpoint
-from deformable_detr.data import build_coco_dataset, category_info, make_coco_transforms, make_synthetic_dataset
+from deformable_detr.data import build_coco_dataset, category_info, make_synthetic_dataset
 from deformable_detr.evaluation import format_stats
-from deformable_detr.model.build import build_from_config
+from deformable_detr.inference import Detector
 from deformable_detr.plot import plot_logs
-from deformable_detr.train import add_train_arguments, model_config_from_args, run
+from deformable_detr.train import add_train_arguments, run
 from deformable_detr.visualize import draw_detections
 
 # The small configuration: every value is an official flag of ddetr train.
@@ -54,24 +52,15 @@ def draw_predictions(checkpoint_dir: Path, val_images: Path, val_json: Path, out
                      device: str) -> list[Path]:
     """Runs the trained model on the first validation images and writes each as a picture: the ground truth on
     the left, the detections scoring at least 0.3 on the right."""
-    checkpoint_path = checkpoint_dir / "checkpoint.pth"
-    args = read_checkpoint(checkpoint_path)["args"]
+    detector = Detector.from_checkpoint(checkpoint_dir / "checkpoint.pth", device=device, score_threshold=0.3)
     dataset = build_coco_dataset("val", images=val_images, annotations=val_json, transforms=None, progress=False)
-    transform = make_coco_transforms("val", val_size=args.val_size, max_size=args.max_size)
     names = category_info(dataset)
-    model, _, postprocessors = build_from_config(model_config_from_args(args, max(names) + 1))
-    load_checkpoint(model, checkpoint_path)
-    model.to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for index in range(min(num_pictures, len(dataset))):
         image, target = dataset[index]
-        tensor, _ = transform(image, None)
-        with torch.no_grad():
-            outputs = model(tensor[None].to(device))
-            detections = postprocessors["bbox"](outputs, torch.tensor([[image.height, image.width]], device=device))[0]
-        predicted = draw_detections(image, detections["boxes"].tolist(), detections["scores"].tolist(),
-                                    detections["labels"].tolist(), names, score_threshold=0.3)
+        found = detector.predict(image)
+        predicted = draw_detections(image, found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), names)
         # The untransformed target holds xyxy pixel boxes.
         truth = draw_detections(image, target["boxes"].tolist(), [1.0] * len(target["labels"]),
                                 target["labels"].tolist(), names)

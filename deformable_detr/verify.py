@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from deformable_detr.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
 from deformable_detr.config import VARIANTS
+from deformable_detr.data.reference_check import compare_eval_transform, run_eval_transform_case
 from deformable_detr.model.build import build_model
 from deformable_detr.ops import ms_deform_attn
 from deformable_detr.reference_init import apply_ddetr_init_v1
@@ -41,49 +42,6 @@ GRAD_HEAD_REL_MAX = 1e-4
 POST_SCORE_ABS_TOL = 1e-5
 POST_BOX_REL_TOL = 1e-3
 MSDA_REL_TOL = 1e-10
-
-
-class ReferenceFileError(ValueError):
-    """The file is not a reference file this tool knows, or lacks arrays it needs."""
-
-
-@dataclass
-class Check:
-    name: str
-    error: float
-    tolerance: float
-    passed: bool
-    measure: str
-
-    def line(self) -> str:
-        status = "PASS" if self.passed else "FAIL"
-        return f"{status}  {self.name:<78} {self.measure:<9} {self.error:10.3e} <= {self.tolerance:9.3e}"
-
-
-def _max_rel(computed: np.ndarray, reference: np.ndarray) -> float:
-    """max|a - b| / max|b| over finite entries; non-finite entries must agree exactly (inf where inf)."""
-    computed = np.asarray(computed, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if computed.shape != reference.shape:
-        return math.inf
-    finite = np.isfinite(reference)
-    if not np.array_equal(np.isfinite(computed), finite) or not np.array_equal(computed[~finite], reference[~finite]):
-        return math.inf
-    if not finite.any():
-        return 0.0
-    scale = np.abs(reference[finite]).max()
-    diff = np.abs(computed[finite] - reference[finite]).max()
-    return float(diff / scale) if scale > 0 else float(diff)
-
-
-def _rel_l2(computed: np.ndarray, reference: np.ndarray) -> float:
-    reference = np.asarray(reference, dtype=np.float64)
-    computed = np.asarray(computed, dtype=np.float64)
-    if computed.shape != reference.shape:
-        return math.inf
-    norm = np.linalg.norm(reference)
-    diff = np.linalg.norm(computed - reference)
-    return float(diff / norm) if norm > 0 else float(diff)
 
 
 def _stats(tensor: torch.Tensor) -> np.ndarray:
@@ -109,20 +67,8 @@ def _stats_error(computed: np.ndarray, reference: np.ndarray) -> float:
     return float(max(errors))
 
 
-def _exact(computed: np.ndarray, reference: np.ndarray) -> float:
-    """0 when equal in shape and value, else 1."""
-    computed, reference = np.asarray(computed), np.asarray(reference)
-    return 0.0 if computed.shape == reference.shape and np.array_equal(computed, reference) else 1.0
-
-
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
-
-
-def _require(reference: dict[str, np.ndarray], keys: list[str], what: str) -> None:
-    missing = [k for k in keys if k not in reference]
-    if missing:
-        raise ReferenceFileError(f"{what}: missing array(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
 def load_reference(path: str | Path) -> dict[str, np.ndarray]:
@@ -159,7 +105,7 @@ def reference_kind(reference: dict[str, np.ndarray], source: str = "reference") 
 def run_msda_case(reference: dict[str, np.ndarray], device: str = "cpu", backend: str = "auto"
                   ) -> dict[str, np.ndarray]:
     """The op's output and gradients for the stored inputs, in the stored dtype (float64)."""
-    _require(reference, ["msda.value", "msda.spatial_shapes", "msda.level_start_index", "msda.sampling_locations",
+    require(reference, ["msda.value", "msda.spatial_shapes", "msda.level_start_index", "msda.sampling_locations",
                          "msda.attention_weights", "msda.grad_output"], "MSDA core case")
 
     def tensor(key: str, grad: bool = False) -> torch.Tensor:
@@ -179,7 +125,7 @@ def run_msda_case(reference: dict[str, np.ndarray], device: str = "cpu", backend
 def compare_msda(computed: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> list[Check]:
     checks = []
     for key in ("msda.output", "msda.grad_value", "msda.grad_sampling_locations", "msda.grad_attention_weights"):
-        error = _max_rel(computed[key], reference[key])
+        error = max_rel(computed[key], reference[key])
         checks.append(Check(key, error, MSDA_REL_TOL, error <= MSDA_REL_TOL, "rel-max"))
     return checks
 
@@ -188,7 +134,7 @@ def compare_msda(computed: dict[str, np.ndarray], reference: dict[str, np.ndarra
 
 
 def _targets(reference: dict[str, np.ndarray], batch: int, device: str) -> list[dict[str, torch.Tensor]]:
-    _require(reference, [f"tgt.{b}.{k}" for b in range(batch) for k in ("boxes", "labels")], "targets")
+    require(reference, [f"tgt.{b}.{k}" for b in range(batch) for k in ("boxes", "labels")], "targets")
     return [{"boxes": torch.from_numpy(reference[f"tgt.{b}.boxes"]).to(device),
              "labels": torch.from_numpy(reference[f"tgt.{b}.labels"]).to(device)} for b in range(batch)]
 
@@ -196,7 +142,7 @@ def _targets(reference: dict[str, np.ndarray], batch: int, device: str) -> list[
 def run_model_case(reference: dict[str, np.ndarray], device: str = "cpu", backend: str = "auto"
                    ) -> dict[str, np.ndarray]:
     """Runs the official procedure of a variant file and returns every array under the file's key names."""
-    _require(reference, ["meta.variant", "in.images", "in.mask", "post.target_sizes", "grad.names"], "variant file")
+    require(reference, ["meta.variant", "in.images", "in.mask", "post.target_sizes", "grad.names"], "variant file")
     variant = str(reference["meta.variant"])
     model, criterion, postprocessors = build_model(variant, num_classes=91, msda_backend=backend)
     apply_ddetr_init_v1(model)
@@ -310,10 +256,10 @@ def run_model_case(reference: dict[str, np.ndarray], device: str = "cpu", backen
 def _gradient_checks(name: str, computed: np.ndarray, reference: np.ndarray) -> list[Check]:
     parameter = name.removeprefix("grad.")
     if any(part in parameter for part in HEADS) and not any(p in parameter for p in UPSTREAM_OF_SAMPLING):
-        error = _max_rel(computed, reference)
+        error = max_rel(computed, reference)
         return [Check(name, error, GRAD_HEAD_REL_MAX, error <= GRAD_HEAD_REL_MAX, "rel-max")]
-    rel_l2, rel_max = _rel_l2(computed, reference), _max_rel(computed, reference)
-    return [Check(name, rel_l2, GRAD_UPSTREAM_REL_L2, rel_l2 <= GRAD_UPSTREAM_REL_L2, "rel-l2"),
+    l2_error, rel_max = rel_l2(computed, reference), max_rel(computed, reference)
+    return [Check(name, l2_error, GRAD_UPSTREAM_REL_L2, l2_error <= GRAD_UPSTREAM_REL_L2, "rel-l2"),
             Check(name, rel_max, GRAD_UPSTREAM_REL_MAX, rel_max <= GRAD_UPSTREAM_REL_MAX, "rel-max")]
 
 
@@ -382,7 +328,7 @@ def compare_model(computed: dict[str, np.ndarray], reference: dict[str, np.ndarr
         ours, theirs = computed[key], reference[key]
         if key.endswith((".src", ".tgt", ".mask", ".shape")) or key in ("dbg.spatial_shapes", "dbg.level_start_index",
                                                                           "loss.keys", "loss.weighted_keys"):
-            add(key, _exact(ours, theirs), 0.0, "exact")
+            add(key, exact(ours, theirs), 0.0, "exact")
         elif key.endswith(".stats"):
             add(key, _stats_error(ours, theirs), OUTPUT_REL_TOL, "rel-stats")
         elif key.startswith("loss."):
@@ -393,7 +339,7 @@ def compare_model(computed: dict[str, np.ndarray], reference: dict[str, np.ndarr
             checks.extend(_gradient_checks(key, ours, theirs))
         elif key == "gradnorm.values":
             names = [str(n) for n in reference["gradnorm.names"]]
-            add("gradnorm.names", _exact(computed["gradnorm.names"], reference["gradnorm.names"]), 0.0, "exact")
+            add("gradnorm.names", exact(computed["gradnorm.names"], reference["gradnorm.names"]), 0.0, "exact")
             if len(ours) == len(theirs):
                 num_layers = {part: 1 + max(int(n.split(".")[3]) for n in names if n.startswith(f"transformer.{part}."
                                                                                                 "layers."))
@@ -405,7 +351,7 @@ def compare_model(computed: dict[str, np.ndarray], reference: dict[str, np.ndarr
         elif key == "gradnorm.total":
             add(key, abs(float(ours) - float(theirs)) / float(theirs), GRAD_UPSTREAM_REL_L2, "rel")
         else:
-            add(key, _max_rel(ours, theirs), OUTPUT_REL_TOL, "rel-max")
+            add(key, max_rel(ours, theirs), OUTPUT_REL_TOL, "rel-max")
     checks.extend(_post_checks(computed, reference, batch))
     return checks
 
@@ -421,9 +367,6 @@ def verify_reference(reference: dict[str, np.ndarray], device: str = "cpu", back
         computed = run_msda_case(reference, device, backend)
         return compare_msda(computed, reference), computed
     if kind == "eval_transform":
-        # Imported here: the data pipeline's checker builds on this module's Check (a top-level import would cycle).
-        from deformable_detr.data.reference_check import compare_eval_transform, run_eval_transform_case
-
         computed = run_eval_transform_case(reference)
         return compare_eval_transform(computed, reference), computed
     computed = run_model_case(reference, device, backend)

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import PIL.Image
 
+from deformable_detr.comparison import Check, ReferenceFileError, exact, max_rel, require
 from deformable_detr.data.coco import prepare_coco_target
 from deformable_detr.data.transforms import make_coco_transforms
-from deformable_detr.verify import Check, ReferenceFileError, _exact, _max_rel, _require
 
 STATISTIC_REL_TOL = 1e-6
 FLOAT32_REL_TOL = 1e-6  # a few float32 ulps relative to the array's largest value
@@ -55,7 +55,7 @@ def run_eval_transform_case(reference: dict[str, np.ndarray]) -> dict[str, np.nd
     computed: dict[str, np.ndarray] = {}
     for case in cases:
         p = f"c{case}."
-        _require(reference, [p + k for k in _INPUTS], f"eval-transform case {case}")
+        require(reference, [p + k for k in _INPUTS], f"eval-transform case {case}")
         height, width = (int(v) for v in reference[p + "in.image_hw"])
         pixels = reference_image(height, width)
         computed[p + "in.image_hw"] = np.array([height, width], dtype=np.int64)
@@ -117,13 +117,13 @@ def compare_eval_transform(computed: dict[str, np.ndarray], reference: dict[str,
         if key not in computed:
             checks.append(Check(key, math.inf, 0.0, False, "missing"))
         elif name in _EXACT:
-            error = _exact(computed[key], reference[key])
+            error = exact(computed[key], reference[key])
             checks.append(Check(key, error, 0.0, error == 0.0, "exact"))
         elif name in _STATISTICS:
             error = _statistic_error(computed[key], reference[key])
             checks.append(Check(key, error, STATISTIC_REL_TOL, error <= STATISTIC_REL_TOL, "rel"))
         elif name in _FLOAT_ARRAYS:
-            error = _max_rel(computed[key], reference[key])
+            error = max_rel(computed[key], reference[key])
             checks.append(Check(key, error, FLOAT32_REL_TOL, error <= FLOAT32_REL_TOL, "rel-max"))
         else:
             checks.append(Check(key, math.inf, 0.0, False, "unknown"))

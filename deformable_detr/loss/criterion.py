@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deformable_detr.box_ops import box_area, box_cxcywh_to_xyxy
+from deformable_detr.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from deformable_detr.loss.matcher import HungarianMatcher
 
 LOSSES = ("labels", "boxes", "cardinality")
@@ -28,23 +28,6 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha:
         alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
         loss = alpha_t * loss
     return loss.mean(1).sum() / num_boxes
-
-
-def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """GIoU of matching rows of (N, 4) and (N, 4) xyxy boxes -> (N,): the diagonal of the pairwise matrix without
-    computing the rest."""
-    area1, area2 = box_area(boxes1), box_area(boxes2)
-    top_left = torch.max(boxes1[:, :2], boxes2[:, :2])
-    bottom_right = torch.min(boxes1[:, 2:], boxes2[:, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    intersection = wh[:, 0] * wh[:, 1]
-    union = area1 + area2 - intersection
-    iou = intersection / union
-    top_left = torch.min(boxes1[:, :2], boxes2[:, :2])
-    bottom_right = torch.max(boxes1[:, 2:], boxes2[:, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    enclosing_area = wh[:, 0] * wh[:, 1]
-    return iou - (enclosing_area - union) / enclosing_area
 
 
 class SetCriterion(nn.Module):
