@@ -15,8 +15,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_dir() -> Path:
-    """The official reference vectors: $DDETR_REFERENCE_DIR, else ../shared/reference beside the checkout."""
-    path = Path(os.environ.get("DDETR_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+    """The official reference vectors: $DDETR_REFERENCE_DIR, else the repository's copy in tests/reference."""
+    path = Path(os.environ.get("DDETR_REFERENCE_DIR", REPO_ROOT / "tests" / "reference"))
     if not (path / "README.md").is_file():
         raise FileNotFoundError(
             f"reference vectors not found at {path}; set DDETR_REFERENCE_DIR to the folder holding the .npz files"

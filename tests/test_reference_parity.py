@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from deformable_detr.config import VARIANTS
@@ -37,3 +38,22 @@ def test_a_perturbed_reference_fails(reference_path):
     checks, _ = verify_reference(reference, backend="reference")
     failed = [check.name for check in checks if not check.passed]
     assert failed == ["msda.grad_sampling_locations"]
+
+
+def test_gradient_tolerance_follows_what_feeds_a_sampling_location():
+    """Every parameter of an encoder/decoder layer but the last (and pos_trans) feeds a later sampling location, so
+    its grad gets the upstream bounds; the last layer's attention weights and the heads get the heads' bound."""
+    from deformable_detr.verify import GRAD_HEAD_REL_MAX, GRAD_UPSTREAM_REL_MAX, _gradient_checks
+
+    layers = {"encoder": 6, "decoder": 6}
+    grad = np.ones(4)
+
+    def bounds(name: str) -> list[float]:
+        return [check.tolerance for check in _gradient_checks(f"grad.{name}", grad, grad, layers)]
+
+    assert GRAD_UPSTREAM_REL_MAX in bounds("transformer.decoder.layers.0.cross_attn.attention_weights.weight")
+    assert GRAD_UPSTREAM_REL_MAX in bounds("transformer.encoder.layers.4.self_attn.value_proj.weight")
+    assert GRAD_UPSTREAM_REL_MAX in bounds("transformer.pos_trans.bias")
+    assert bounds("transformer.decoder.layers.5.cross_attn.attention_weights.weight") == [GRAD_HEAD_REL_MAX]
+    assert bounds("transformer.decoder.layers.5.cross_attn.value_proj.weight") == [GRAD_HEAD_REL_MAX]
+    assert bounds("class_embed.0.weight") == [GRAD_HEAD_REL_MAX]
