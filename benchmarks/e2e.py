@@ -7,8 +7,8 @@ Rows (each with random weights; speed does not depend on the values):
   attention, under ``torch.no_grad``, plus ``PostProcess``;
 * ``cpu_msda``: the baseline with the Numba CPU attention kernels instead (to separate the kernels' share);
 * ``default``: what ``Detector`` runs: the Numba CPU attention kernels (``auto``), frozen batch norms folded into
-  the convolutions (``deformable_detr.optimize``), ``torch.inference_mode``, padding, post-processing and the score
-  threshold;
+  the convolutions (``deformable_detr.inference.rewrites``), ``torch.inference_mode``, padding, post-processing and
+  the score threshold;
 * ``compile``: ``default`` with ``torch.compile`` on the model (compile time reported apart, not in the median);
 * ``huggingface``: ``transformers.DeformableDetrForObjectDetection`` built from a config (no download: random
   weights, a ResNet-50 from ``ResNetConfig``), its pure-PyTorch attention, plus the same top-k; skipped with a note
@@ -45,8 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from deformable_detr.config import VARIANTS  # noqa: E402
-from deformable_detr.export import with_reference_attention  # noqa: E402
-from deformable_detr.inference import Detector, PreparedImage  # noqa: E402
+from deformable_detr.inference.detector import Detector, PreparedImage  # noqa: E402
+from deformable_detr.inference.export_onnx import with_reference_attention  # noqa: E402
 from deformable_detr.model.build import build_model  # noqa: E402
 
 ROWS = ("baseline", "cpu_msda", "default", "compile", "huggingface")
@@ -130,7 +130,7 @@ def compare_with_reference(detector: Detector, variant: str, reference_dir: Path
     """The default path's outputs on the reference file's images, against the official ones."""
     import numpy as np
 
-    from deformable_detr.reference_init import apply_ddetr_init_v1
+    from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
     path = reference_dir / f"{variant}.npz"
     if not path.is_file():

@@ -54,7 +54,7 @@ def _count(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
 
 def _from_args(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     # Imported here: train pulls in the data and training stack, which inference does not otherwise need.
-    from deformable_detr.train import add_train_arguments, model_config_from_args
+    from deformable_detr.training.train import add_train_arguments, model_config_from_args
 
     # Flags added after a checkpoint was written take their defaults.
     defaults = vars(add_train_arguments(argparse.ArgumentParser()).parse_args([]))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _verify(args: argparse.Namespace) -> int:
     from deformable_detr.ops import BackendUnavailableError
-    from deformable_detr.verify import ReferenceFileError, verify_files
+    from deformable_detr.verify.run import ReferenceFileError, verify_files
 
     paths: list[str] = []
     for path in args.references:
@@ -30,14 +30,14 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from deformable_detr.train import run
+    from deformable_detr.training.train import run
 
     run(args)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from deformable_detr.train import run
+    from deformable_detr.training.train import run
 
     args.eval = True
     run(args)
@@ -45,7 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from deformable_detr.plot import plot_logs
+    from deformable_detr.training.plot import plot_logs
 
     print(f"wrote {plot_logs(args.output_dirs, args.out)}")
     return 0
@@ -70,14 +70,14 @@ def _make_synthetic(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from deformable_detr.predict import main as predict_main
+    from deformable_detr.inference.predict import main as predict_main
 
     return predict_main(args)
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
     from deformable_detr.checkpoint import CheckpointError
-    from deformable_detr.export import export_checkpoint
+    from deformable_detr.inference.export_onnx import export_checkpoint
 
     try:
         check = export_checkpoint(args.checkpoint, args.out, args.size[0], args.size[1], variant=args.variant,
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--failures-only", action="store_true", help="print only the failed checks")
     verify.set_defaults(handler=_verify)
 
-    from deformable_detr.train import add_train_arguments
+    from deformable_detr.training.train import add_train_arguments
 
     train = commands.add_parser(
         "train", help="train on COCO or COCO-format data (official main.py flags)",

@@ -12,11 +12,11 @@ from pathlib import Path
 from PIL import Image
 
 from deformable_detr.data import build_coco_dataset, category_info, make_synthetic_dataset
-from deformable_detr.evaluation import format_stats
-from deformable_detr.inference import Detector
-from deformable_detr.plot import plot_logs
-from deformable_detr.train import add_train_arguments, run
-from deformable_detr.visualize import draw_detections
+from deformable_detr.inference.detector import Detector
+from deformable_detr.inference.drawing import draw_detections
+from deformable_detr.training.evaluation import format_stats
+from deformable_detr.training.plot import plot_logs
+from deformable_detr.training.train import add_train_arguments, run
 
 # The small configuration: every value is an official flag of ddetr train.
 DEMO_TRAIN_FLAGS = [

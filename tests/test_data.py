@@ -41,7 +41,7 @@ from deformable_detr.data.transforms import (
     crop,
     get_size_with_aspect_ratio,
 )
-from deformable_detr.verify import load_reference, verify_files, verify_reference
+from deformable_detr.verify.run import load_reference, verify_files, verify_reference
 
 # ------------------------------------------------------------------------------------------ reference parity
 

@@ -10,7 +10,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from deformable_detr.evaluation import CocoEvaluator
+from deformable_detr.training.evaluation import CocoEvaluator
 
 
 def _random_coco(rng: np.random.Generator, num_images: int = 12, categories=(1, 3, 7)) -> COCO:

@@ -20,12 +20,12 @@ from deformable_detr.config import VARIANTS
 from deformable_detr.data.coco_names import COCO_CATEGORIES
 from deformable_detr.data.collate import batch_images
 from deformable_detr.data.transforms import make_coco_transforms
-from deformable_detr.inference import Detector
+from deformable_detr.inference.detector import Detector
+from deformable_detr.inference.rewrites import fold_frozen_batchnorm, optimize_for_inference
+from deformable_detr.inference.sampling_points import SamplingPointRecorder, draw_sampling_points
 from deformable_detr.model import ms_deform_attn as ms_deform_attn_module
 from deformable_detr.model.build import build_from_config, build_model
-from deformable_detr.optimize import fold_frozen_batchnorm, optimize_for_inference
-from deformable_detr.sampling_points import SamplingPointRecorder, draw_sampling_points
-from deformable_detr.train import add_train_arguments, model_config_from_args
+from deformable_detr.training.train import add_train_arguments, model_config_from_args
 
 TINY = ["--backbone", "resnet18", "--pretrained_backbone", "none", "--hidden_dim", "32", "--nheads", "8",
         "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "12",
@@ -344,7 +344,7 @@ def test_predict_cli_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_export_onnx_matches_pytorch(ours, tmp_path):
-    from deformable_detr.export import check_onnx, export_onnx, sample_inputs
+    from deformable_detr.inference.export_onnx import check_onnx, export_onnx, sample_inputs
 
     model, _, _ = ours
     onnx_path = tmp_path / "tiny.onnx"
@@ -398,7 +398,7 @@ def test_folding_batch_norm_keeps_the_outputs(ours):
 
 def test_folding_keeps_the_official_reference_outputs(reference_path):
     """The optimised model on the official reference file: within ddetr verify's output tolerance."""
-    from deformable_detr.reference_init import apply_ddetr_init_v1
+    from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
     reference = np.load(reference_path / "deformable_detr.npz")
     model, _, _ = build_model("deformable_detr", num_classes=91)

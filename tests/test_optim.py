@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deformable_detr import build_model
-from deformable_detr.optim import build_optimizer
+from deformable_detr.training.optimizer import build_optimizer
 
 SMALL = dict(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128,
              num_queries=10)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deformable_detr.config import VARIANTS
-from deformable_detr.verify import load_reference, verify_reference
+from deformable_detr.verify.run import load_reference, verify_reference
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -43,7 +43,7 @@ def test_a_perturbed_reference_fails(reference_path):
 def test_gradient_tolerance_follows_what_feeds_a_sampling_location():
     """Every parameter of an encoder/decoder layer but the last (and pos_trans) feeds a later sampling location, so
     its grad gets the upstream bounds; the last layer's attention weights and the heads get the heads' bound."""
-    from deformable_detr.verify import GRAD_HEAD_REL_MAX, GRAD_UPSTREAM_REL_MAX, _gradient_checks
+    from deformable_detr.verify.run import GRAD_HEAD_REL_MAX, GRAD_UPSTREAM_REL_MAX, _gradient_checks
 
     layers = {"encoder": 6, "decoder": 6}
     grad = np.ones(4)

@@ -9,7 +9,7 @@ import torch
 
 from deformable_detr import build_model
 from deformable_detr.config import VARIANTS
-from deformable_detr.reference_init import apply_ddetr_init_v1
+from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

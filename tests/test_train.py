@@ -10,9 +10,9 @@ import torch
 
 from deformable_detr.checkpoint import CheckpointError, read_checkpoint
 from deformable_detr.data import make_synthetic_dataset
-from deformable_detr.engine import NonFiniteLossError
 from deformable_detr.loss.criterion import SetCriterion
-from deformable_detr.train import add_train_arguments, run
+from deformable_detr.training.engine import NonFiniteLossError
+from deformable_detr.training.train import add_train_arguments, run
 
 TINY = ["--backbone", "resnet18", "--pretrained_backbone", "none", "--hidden_dim", "32", "--nheads", "4",
         "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "10",

@@ -9,9 +9,9 @@ import sys
 import torch
 
 from deformable_detr import build_model
-from deformable_detr.distributed import init_distributed
-from deformable_detr.engine import train_one_epoch
-from deformable_detr.optim import build_optimizer
+from deformable_detr.training.distributed import init_distributed
+from deformable_detr.training.engine import train_one_epoch
+from deformable_detr.training.optimizer import build_optimizer
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:

@@ -11,7 +11,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from deformable_detr.distributed import all_gather_objects
+from deformable_detr.training.distributed import all_gather_objects
 
 STAT_NAMES = (
     "AP@[.50:.95] all", "AP@.50 all", "AP@.75 all", "AP small", "AP medium", "AP large",

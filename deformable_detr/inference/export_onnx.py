@@ -201,7 +201,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, height: int = 800
                       log=print) -> ExportCheck:
     """``ddetr export onnx``: the checkpoint's detector (frozen batch norms folded) to ``out``, then checked
     against PyTorch with onnxruntime on sample batches of ``check_batch_sizes`` images."""
-    from deformable_detr.inference import Detector
+    from deformable_detr.inference.detector import Detector
 
     detector = Detector.from_checkpoint(checkpoint, variant=variant, msda_backend="reference")
     metadata = {"deformable_detr.class_names": json.dumps({str(k): v for k, v in detector.class_names.items()}),

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from deformable_detr.checkpoint import CheckpointError
 from deformable_detr.data.coco import UnreadableImageError, load_rgb_image
-from deformable_detr.inference import Detector
-from deformable_detr.sampling_points import draw_sampling_points
-from deformable_detr.visualize import draw_detections
+from deformable_detr.inference.detector import Detector
+from deformable_detr.inference.drawing import draw_detections
+from deformable_detr.inference.sampling_points import draw_sampling_points
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from deformable_detr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deformable_detr.config import VARIANTS, model_config
 from deformable_detr.data import build_coco_dataset, collate_fn, make_coco_transforms
-from deformable_detr.distributed import DistributedInfo, init_distributed
-from deformable_detr.engine import evaluate, train_one_epoch
-from deformable_detr.evaluation import format_stats
 from deformable_detr.model.build import build_from_config
-from deformable_detr.optim import build_optimizer
+from deformable_detr.training.distributed import DistributedInfo, init_distributed
+from deformable_detr.training.engine import evaluate, train_one_epoch
+from deformable_detr.training.evaluation import format_stats
+from deformable_detr.training.optimizer import build_optimizer
 
 # Official flags we accept for compatibility with the official configs/*.sh, and the only value we support.
 _FIXED_OFFICIAL_FLAGS = {"position_embedding": "sine", "dataset_file": "coco", "masks": False,

@@ -15,8 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
+from deformable_detr.inference.drawing import label_colour
 from deformable_detr.model.ms_deform_attn import MSDeformAttn
-from deformable_detr.visualize import label_colour
 
 
 @dataclass

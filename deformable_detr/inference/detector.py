@@ -39,10 +39,10 @@ from deformable_detr.data.transforms import (
     make_coco_transforms,
     resize,
 )
+from deformable_detr.inference.rewrites import optimize_for_inference
+from deformable_detr.inference.sampling_points import SamplingPointRecorder, SamplingPoints, to_image_pixels
 from deformable_detr.model.build import build_from_config
 from deformable_detr.model.postprocess import PostProcess
-from deformable_detr.optimize import optimize_for_inference
-from deformable_detr.sampling_points import SamplingPointRecorder, SamplingPoints, to_image_pixels
 
 ImageInput = str | Path | PIL.Image.Image | np.ndarray | Tensor
 """A file path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) / (1, H, W) float tensor in [0, 1]."""
@@ -148,8 +148,8 @@ class Detector:
 
     ``dtype``: float32 (default) or float64 run the model in that precision; float16 / bfloat16 run it under
     autocast (mixed precision; deformable attention and the box arithmetic stay float32). ``optimize`` runs an
-    optimised copy (:func:`deformable_detr.optimize.optimize_for_inference`); without it, ``model`` itself is put in
-    eval mode and moved to ``device``.
+    optimised copy (:func:`deformable_detr.inference.rewrites.optimize_for_inference`); without it, ``model`` itself
+    is put in eval mode and moved to ``device``.
     """
 
     def __init__(self, model: nn.Module, config: ModelConfig, class_names: dict[int, str] | None = None, *,
@@ -188,7 +188,7 @@ class Detector:
         (see :mod:`deformable_detr.checkpoint_config`; ``variant="single_scale_dc5"`` for a DC5 checkpoint without
         args). Class names: the checkpoint's ``categories``, else COCO's for 91 classes. The eval resize:
         ``val_size`` / ``max_size`` if given, else the checkpoint's ``--val_size`` / ``--max_size``, else 800 / 1333.
-        ``optimize`` folds the frozen batch norms (:mod:`deformable_detr.optimize`).
+        ``optimize`` folds the frozen batch norms (:mod:`deformable_detr.inference.rewrites`).
         """
         _check_file_format(path)
         try:

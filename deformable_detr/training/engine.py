@@ -11,9 +11,9 @@ from pycocotools.coco import COCO
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from deformable_detr.distributed import is_main_process, reduce_dict
-from deformable_detr.evaluation import CocoEvaluator
 from deformable_detr.loss.criterion import SetCriterion
+from deformable_detr.training.distributed import is_main_process, reduce_dict
+from deformable_detr.training.evaluation import CocoEvaluator
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

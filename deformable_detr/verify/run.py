@@ -6,7 +6,7 @@ A reference file (``../shared/reference/*.npz``, made by the official implementa
   weighted total loss, post-processing; plus intermediate values (``dbg.*``) recorded by forward hooks;
 * the MSDA core case (``msda.*``): the op's output and its three input gradients, in float64;
 * the eval-transform cases (``c<i>.*``): the official target preparation and validation transform on regenerated
-  synthetic images (``deformable_detr.data.reference_check``).
+  synthetic images (``deformable_detr.verify.eval_transform``).
 
 Tolerances are those the reference README recommends for an independent float32 implementation.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deformable_detr.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
 from deformable_detr.config import VARIANTS
-from deformable_detr.data.reference_check import compare_eval_transform, run_eval_transform_case
 from deformable_detr.model.build import build_model
 from deformable_detr.ops import ms_deform_attn
-from deformable_detr.reference_init import apply_ddetr_init_v1
+from deformable_detr.verify.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
+from deformable_detr.verify.eval_transform import compare_eval_transform, run_eval_transform_case
+from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
 # Gradients of these parameters flow through the MSDA sampling locations, whose bilinear derivative jumps at
 # pixel borders: float32 rounding moves samples across borders, so they get the README's looser bounds. pos_trans

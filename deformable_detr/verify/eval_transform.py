@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import PIL.Image
 
-from deformable_detr.comparison import Check, ReferenceFileError, exact, max_rel, require
 from deformable_detr.data.coco import prepare_coco_target
 from deformable_detr.data.transforms import make_coco_transforms
+from deformable_detr.verify.comparison import Check, ReferenceFileError, exact, max_rel, require
 
 STATISTIC_REL_TOL = 1e-6
 FLOAT32_REL_TOL = 1e-6  # a few float32 ulps relative to the array's largest value
