@@ -34,12 +34,15 @@ Unless ``NUMBA_THREADING_LAYER`` says otherwise, this module selects Numba's wor
 comment at the top of the code for why).
 
 Compilation: ``cache=True`` stores the machine code beside this file (or in ``NUMBA_CACHE_DIR``), so the JIT cost (a
-few seconds per dtype) is paid once per machine, not per process.
+few seconds per dtype) is paid once per machine, not per process. The first call in a process prepares (compiles or
+loads) both kernels for its dtype between two lines on stderr (see ``_prepare_kernels``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import numba
 import numpy as np
@@ -300,6 +303,40 @@ def _set_threads(sizes: tuple[int, ...]) -> None:
     numba.set_num_threads(max(1, threads))
 
 
+# Whether this process has prepared the kernels. The first call of a kernel compiles it (seconds per kernel on a
+# fresh machine, more on a busy one) or loads it from the cache, inside the first training iteration and with nothing
+# on screen: users took it for a hang. So the first call of either entry point announces the wait on stderr and
+# prepares both kernels at once (the backward's compilation would otherwise stall the same iteration unannounced);
+# every later call pays one boolean check.
+_kernels_ready = False
+
+
+def _prepare_kernels(dtype: torch.dtype) -> None:
+    """Compiles, or loads from Numba's cache, the forward and backward kernels for ``dtype`` by running them on a
+    one-sample problem built by the same helpers as a real call (so the argument types, hence the compiled
+    specialisations, are those a real call uses), between two lines on stderr. A later call in the other dtype (in
+    practice float64: gradcheck, tests) compiles its own specialisations without a notice."""
+    global _kernels_ready
+    # Set first: if the preparation fails, the real call fails the same way and the notice is not repeated per call.
+    _kernels_ready = True
+    print("deformable attention: preparing the Numba CPU kernels (compiled on first use, then loaded from the "
+          "cache)...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    value = torch.zeros(1, 1, 1, 1, dtype=dtype)
+    locations = torch.full((1, 1, 1, 1, 1, 2), 0.5, dtype=dtype)
+    weights = torch.ones(1, 1, 1, 1, 1, dtype=dtype)
+    shapes, starts, locations_np, weights_np, sizes = _prepare(value, [(1, 1)], locations, weights)
+    output = torch.zeros(1, 1, 1, dtype=dtype)
+    numba.set_num_threads(1)
+    _forward_kernel(_rows(value, 1), shapes, starts, locations_np, weights_np, _rows(output, 1), *sizes)
+    _backward_kernel(
+        _rows(output, 1), _rows(value, 1), shapes, starts, locations_np, weights_np, _rows(torch.zeros_like(value), 1),
+        _flat(torch.zeros_like(locations)), _flat(torch.zeros_like(weights)), 1, 1, *sizes,
+    )
+    print(f"deformable attention: Numba CPU kernels ready in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+          flush=True)
+
+
 def msda_forward(
     value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
@@ -317,6 +354,8 @@ def msda_forward(
     shapes, starts, locations_np, weights_np, sizes = _prepare(
         value, spatial_shapes, sampling_locations, attention_weights
     )
+    if not _kernels_ready:
+        _prepare_kernels(value.dtype)
     batch, _, num_queries, num_heads, head_dim, _, _ = sizes
     output = torch.zeros(batch, num_queries, num_heads * head_dim, dtype=value.dtype)
     _set_threads(sizes)
@@ -349,6 +388,8 @@ def msda_backward(
             f"grad_output {tuple(grad_output.shape)} {grad_output.dtype} must be "
             f"{(batch, num_queries, num_heads * head_dim)} {value.dtype}"
         )
+    if not _kernels_ready:
+        _prepare_kernels(value.dtype)
     grad_locations = torch.zeros(sampling_locations.shape, dtype=value.dtype)
     grad_weights = torch.zeros(attention_weights.shape, dtype=value.dtype)
     # A task (batch element, head) reads and scatters one head's rows. In the (pixel, head) layout of the inputs they

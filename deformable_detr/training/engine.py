@@ -1,4 +1,5 @@
-"""One training epoch and one evaluation pass: the official loops, with AMP and a progress bar."""
+"""One training epoch and one evaluation pass: the official loops, with AMP and progress reports (a bar on a terminal,
+log lines elsewhere: see ``progress.py``)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from collections.abc import Iterable
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from deformable_detr.loss.criterion import SetCriterion
 from deformable_detr.training.distributed import is_main_process, reduce_dict
 from deformable_detr.training.evaluation import CocoEvaluator
+from deformable_detr.training.progress import Progress
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The loss terms a progress line shows (weighted, final decoder layer, as the official log keys); the rest of the
+# official keys (auxiliary layers, unscaled terms) go to log.txt only.
+PROGRESS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,6 +46,14 @@ def _to_device(images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]], d
     targets = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
                for t in targets]
     return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+
+def _length(data_loader: Iterable) -> int | None:
+    """The number of batches, where the loader knows it (a DataLoader, a list); None for a plain iterable."""
+    try:
+        return len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _float_outputs(outputs) -> dict:
@@ -71,70 +83,76 @@ def _loss_logs(criterion: SetCriterion, losses: dict[str, Tensor]) -> tuple[floa
 
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, max_norm: float = 0.1, amp: str | None = None,
-                    scaler: torch.amp.GradScaler | None = None, progress: bool = True) -> dict[str, float]:
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = True,
+                    print_freq: int = 10) -> dict[str, float]:
     """One pass over ``data_loader`` (batches of (images, mask, targets)); returns the epoch averages of the
-    official log keys (``loss``, ``loss_ce``, ..., ``class_error``, ``lr``, ``grad_norm``)."""
+    official log keys (``loss``, ``loss_ce``, ..., ``class_error``, ``lr``, ``grad_norm``).
+
+    Progress goes to stderr on the main process: with ``progress`` a bar when stderr is a terminal, else (or without
+    ``progress``) a line every ``print_freq`` iterations (0: none) and at the last, then a summary line."""
     model.train()
     criterion.train()
     averages = EpochAverages()
-    bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not (progress and is_main_process()), dynamic_ncols=True,
-               leave=True)
-    for iteration, (images, mask, targets) in enumerate(bar):
-        images, mask, targets = _to_device(images, mask, targets, device)
-        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None):
-            outputs = model(images, mask)
-        losses = criterion(_float_outputs(outputs), targets)
-        loss = criterion.total_loss(losses)
-        loss_value, logs = _loss_logs(criterion, losses)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {epoch}, iteration {iteration}; training stopped, the checkpoints "
-                f"written so far are intact. Loss terms: { {k: round(v, 4) for k, v in logs.items()} }"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        parameters = [p for p in model.parameters() if p.grad is not None]
-        # clip_grad_norm_ with an infinite bound still returns the norm, which the official logs report.
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        averages.update(loss=loss_value, lr=lr, grad_norm=grad_norm.item(), **logs)
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", refresh=False)
-    bar.close()
+    with Progress(f"epoch {epoch}", _length(data_loader), bar=progress, print_freq=print_freq, device=device,
+                  quiet=not is_main_process()) as report:
+        for iteration, (images, mask, targets) in enumerate(data_loader):
+            images, mask, targets = _to_device(images, mask, targets, device)
+            with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None):
+                outputs = model(images, mask)
+            losses = criterion(_float_outputs(outputs), targets)
+            loss = criterion.total_loss(losses)
+            loss_value, logs = _loss_logs(criterion, losses)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at epoch {epoch}, iteration {iteration}; training stopped, the checkpoints "
+                    f"written so far are intact. Loss terms: { {k: round(v, 4) for k, v in logs.items()} }"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            parameters = [p for p in model.parameters() if p.grad is not None]
+            # clip_grad_norm_ with an infinite bound still returns the norm, which the official logs report.
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            averages.update(loss=loss_value, lr=lr, grad_norm=grad_norm.item(), **logs)
+            report.update(loss_value, lr=lr, terms={k: logs[k] for k in PROGRESS_TERMS if k in logs})
     return averages.averages()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: SetCriterion, postprocessors: dict[str, nn.Module], data_loader: Iterable,
-             coco_gt: COCO, device: torch.device, amp: str | None = None, progress: bool = True
+             coco_gt: COCO, device: torch.device, amp: str | None = None, progress: bool = True, print_freq: int = 10
              ) -> tuple[dict[str, float | list[float]], CocoEvaluator]:
     """Losses and COCO bbox AP over ``data_loader``; returns the official log entries (``loss``, ...,
-    ``coco_eval_bbox``: the 12 COCO numbers) and the evaluator (its ``summary`` is pycocotools' table)."""
+    ``coco_eval_bbox``: the 12 COCO numbers) and the evaluator (its ``summary`` is pycocotools' table).
+
+    Progress is reported as in ``train_one_epoch``, under the name ``eval``."""
     model.eval()
     criterion.eval()
     averages = EpochAverages()
     evaluator = CocoEvaluator(coco_gt)
-    bar = tqdm(data_loader, desc="eval", disable=not (progress and is_main_process()), dynamic_ncols=True)
-    for images, mask, targets in bar:
-        images, mask, targets = _to_device(images, mask, targets, device)
-        with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None):
-            outputs = model(images, mask)
-        outputs = _float_outputs(outputs)
-        losses = criterion(outputs, targets)
-        loss_value, logs = _loss_logs(criterion, losses)
-        averages.update(loss=loss_value, **logs)
-        original_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
-        detections = postprocessors["bbox"](outputs, original_sizes)
-        evaluator.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
-    bar.close()
+    with Progress("eval", _length(data_loader), bar=progress, print_freq=print_freq, device=device,
+                  quiet=not is_main_process()) as report:
+        for images, mask, targets in data_loader:
+            images, mask, targets = _to_device(images, mask, targets, device)
+            with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None):
+                outputs = model(images, mask)
+            outputs = _float_outputs(outputs)
+            losses = criterion(outputs, targets)
+            loss_value, logs = _loss_logs(criterion, losses)
+            averages.update(loss=loss_value, **logs)
+            original_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+            detections = postprocessors["bbox"](outputs, original_sizes)
+            evaluator.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
+            report.update(loss_value, terms={k: logs[k] for k in PROGRESS_TERMS if k in logs})
     evaluator.synchronize_between_processes()
     stats: dict[str, float | list[float]] = dict(averages.averages())
     stats["coco_eval_bbox"] = evaluator.summarize().tolist()
