@@ -1,10 +1,11 @@
-"""Which model a checkpoint holds: the :class:`ModelConfig` to rebuild it, from its ``args`` or from its weights.
+"""Which model a checkpoint holds: the :class:`ModelConfig` to rebuild it, from its stored configs or its weights.
 
-Our checkpoints (written by ``ddetr train``) carry the training flags as ``args``, and the model is rebuilt from them
-exactly as training built it. The official checkpoints carry the official ``main.py`` Namespace, and other files a
-bare state_dict: there the architecture is read off the weights (which keys exist, their shapes), and the flags the
-weights cannot tell (DC5's dilation, the number of heads, the two-stage proposal count) come from the official
-Namespace when there is one, else from ``variant`` and the official defaults.
+Checkpoints of ``ddetr train`` carry the run's configs (``deformable_detr.checkpoint.stored_configs``), and the model
+is rebuilt from them exactly as training built it. The official checkpoints carry the official ``main.py``
+Namespace, and other files a bare state_dict: there the architecture is read off the weights (which keys exist,
+their shapes), and the settings the weights cannot tell (DC5's dilation, the number of heads, the two-stage proposal
+count) come from the official Namespace when there is one, else from ``variant`` and the official defaults.
+Training (``--resume``, ``--finetune``), evaluation and inference all read models through this module.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from deformable_detr.checkpoint import CheckpointError
+from deformable_detr.checkpoint import CheckpointError, stored_configs
 from deformable_detr.config import VARIANTS, ModelConfig, model_config
 
 # Keys every Deformable DETR state_dict has, whatever the variant.
@@ -27,11 +28,6 @@ BOX_REFINE_KEY = "transformer.decoder.bbox_embed.0.layers.0.weight"
 
 # Layer3 blocks identify the ResNet depth: (bottleneck?, blocks) -> name.
 _RESNET_BY_LAYER3 = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
-
-
-def is_our_args(args: Any) -> bool:
-    """True for the Namespace of ``ddetr train`` (it has our additions), False for the official one or none."""
-    return isinstance(args, argparse.Namespace) and hasattr(args, "val_size") and hasattr(args, "msda_backend")
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -52,13 +48,17 @@ def _count(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
     return len({match.group(1) for key in state_dict if (match := regex.match(key))})
 
 
-def _from_args(args: argparse.Namespace, num_classes: int) -> ModelConfig:
-    # Imported here: train pulls in the data and training stack, which inference does not otherwise need.
-    from deformable_detr.training.train import add_train_arguments, model_config_from_args
-
-    # Flags added after a checkpoint was written take their defaults.
-    defaults = vars(add_train_arguments(argparse.ArgumentParser()).parse_args([]))
-    return model_config_from_args(argparse.Namespace(**{**defaults, **vars(args)}), num_classes)
+def _check_variant(variant: str, found: dict[str, Any], what: str) -> None:
+    """Raises :class:`CheckpointError` when ``found`` (num_feature_levels, with_box_refine, two_stage, and
+    dilation where known) contradicts the preset of ``variant``."""
+    implied = {"num_feature_levels": 4, "with_box_refine": False, "two_stage": False, "dilation": False,
+               **VARIANTS[variant]}
+    # Multi-scale variants differ from single-scale ones in having several levels, whatever their number.
+    found = {**found, "num_feature_levels": 1 if found["num_feature_levels"] == 1 else 4}
+    clashes = {k: (implied[k], v) for k, v in found.items() if implied[k] != v}
+    if clashes:
+        raise CheckpointError(f"variant {variant!r} does not fit the checkpoint's {what}: "
+                              + ", ".join(f"{k}: variant {a}, {what} {b}" for k, (a, b) in clashes.items()))
 
 
 def _from_weights(state_dict: dict[str, torch.Tensor], args: argparse.Namespace | None,
@@ -73,15 +73,8 @@ def _from_weights(state_dict: dict[str, torch.Tensor], args: argparse.Namespace 
     num_feature_levels = _count(state_dict, r"input_proj\.(\d+)\.")
     preset = VARIANTS[variant] if variant else {}
     if variant:
-        implied = {"num_feature_levels": 4, "with_box_refine": False, "two_stage": False, **preset}
-        found = {"num_feature_levels": num_feature_levels if num_feature_levels == 1 else 4,
-                 "with_box_refine": with_box_refine, "two_stage": two_stage}
-        clashes = {k: (implied[k], found[k]) for k in found if implied[k] != found[k]}
-        if clashes:
-            raise CheckpointError(
-                f"variant {variant!r} does not fit the checkpoint's weights: "
-                + ", ".join(f"{k}: variant {a}, weights {b}" for k, (a, b) in clashes.items())
-            )
+        _check_variant(variant, {"num_feature_levels": num_feature_levels, "with_box_refine": with_box_refine,
+                                 "two_stage": two_stage}, "weights")
     bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
     layer3_blocks = _count(state_dict, r"backbone\.0\.body\.layer3\.(\d+)\.")
     backbone = _RESNET_BY_LAYER3.get((bottleneck, layer3_blocks))
@@ -122,32 +115,33 @@ def _from_weights(state_dict: dict[str, torch.Tensor], args: argparse.Namespace 
 
 
 def config_from_checkpoint(checkpoint: dict[str, Any], source: str, variant: str | None = None,
-                           msda_backend: str = "auto") -> ModelConfig:
+                           msda_backend: str | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of the model in ``checkpoint`` (a dict from ``read_checkpoint``).
 
     Args:
-        checkpoint: ``{"model": state_dict, ...}``, optionally with ``args`` (ours or the official Namespace).
+        checkpoint: ``{"model": state_dict, ...}``, with the configs of ``ddetr train`` or the official ``args``.
         source: the file's name, for error messages.
         variant: an official variant name (``config.VARIANTS``) for what the weights cannot tell, chiefly DC5
-            (``single_scale_dc5``), when the checkpoint has no ``args``; it must agree with the weights.
-        msda_backend: the deformable attention backend to build the model with (not the one it was trained with).
+            (``single_scale_dc5``), when the checkpoint has no settings; it must agree with the checkpoint.
+        msda_backend: the deformable attention backend to build the model with (not necessarily the one it was
+            trained with); None keeps the checkpoint's.
     """
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
     state_dict = checkpoint["model"]
     check_state_dict(state_dict, source)
-    args = checkpoint.get("args")
-    num_classes = int(state_dict["class_embed.0.weight"].shape[0])
+    stored = stored_configs(checkpoint, source)
     try:
-        if is_our_args(args):
-            config = _from_args(args, num_classes)
-            if variant is not None and VARIANTS[variant].get("dilation", False) != config.dilation:
-                raise CheckpointError(f"variant {variant!r} disagrees with the checkpoint's args "
-                                      f"(dilation={config.dilation})")
+        if stored is not None:
+            config = stored.model
+            if variant is not None:
+                _check_variant(variant, {name: getattr(config, name) for name in ("num_feature_levels",
+                                         "with_box_refine", "two_stage", "dilation")}, "settings")
         else:
+            args = checkpoint.get("args")
             config = _from_weights(state_dict, args if isinstance(args, argparse.Namespace) else None, variant)
     except (ValueError, KeyError) as error:
         if isinstance(error, CheckpointError):
             raise CheckpointError(f"{source}: {error}") from error
         raise CheckpointError(f"{source}: cannot rebuild the model from this checkpoint ({error})") from error
-    return dataclasses.replace(config, msda_backend=msda_backend)
+    return config if msda_backend is None else dataclasses.replace(config, msda_backend=msda_backend)

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from deformable_detr import build_model
-from deformable_detr.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from deformable_detr.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    make_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    stored_configs,
+)
+from deformable_detr.config import DataConfig, RunConfigs, TrainConfig, model_config
+from deformable_detr.model.build import build_from_config
 
 SMALL = dict(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128,
              num_queries=10)
@@ -75,3 +86,64 @@ def test_bad_files(tmp_path):
     torch.save({"weights": [1, 2, 3]}, foreign)
     with pytest.raises(CheckpointError, match="not a Deformable DETR checkpoint.*'weights'"):
         read_checkpoint(foreign)
+
+
+def _format_1_args(**changes) -> argparse.Namespace:
+    """The training flags deformable-detr 0.1 stored in every checkpoint of ddetr train."""
+    recorded = json.loads((Path(__file__).parent / "data" / "format1_train_args.json").read_text())["args"]
+    return argparse.Namespace(**{**recorded, **changes})
+
+
+def test_a_checkpoint_of_deformable_detr_0_1_still_loads(tmp_path, monkeypatch):
+    """Format 1 kept the flags as a Namespace holding the CLI handler by reference (GLOBAL
+    deformable_detr.cli._train), which plain safe loading refuses; it is read, and its model is rebuilt as 0.1 built
+    it: the variant preset won over --num_feature_levels."""
+    from deformable_detr import cli
+    from deformable_detr.checkpoint_config import config_from_checkpoint
+
+    def _train(args):  # what 0.1's cli._train was to the pickle: a module-level function, stored by reference
+        raise AssertionError("never called")
+
+    _train.__module__, _train.__qualname__ = "deformable_detr.cli", "_train"
+    monkeypatch.setattr(cli, "_train", _train, raising=False)
+    old_model, _, _ = build_model("single_scale", num_classes=6, **SMALL)
+    args = _format_1_args(variant="single_scale", num_feature_levels=4, backbone="resnet18", hidden_dim=64, nheads=4,
+                          enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10, val_size=64, max_size=96,
+                          crop_sizes=[64, 48, 64], train_images="t", train_json="t.json", val_images="v",
+                          val_json="v.json", handler=_train)
+    path = tmp_path / "old.pth"
+    torch.save({"model": old_model.state_dict(), "args": args, "epoch": 3, "categories": {1: "a"}}, path)
+    monkeypatch.undo()
+    with torch.serialization.safe_globals([argparse.Namespace]), pytest.raises(
+            Exception, match="GLOBAL deformable_detr.cli._train"):
+        torch.load(path, weights_only=True)  # what broke every command after ddetr train
+
+    checkpoint = read_checkpoint(path)
+    configs = stored_configs(checkpoint, str(path))
+    assert configs.model == model_config("single_scale", num_classes=6, **SMALL)
+    assert (configs.data.val_size, configs.data.crop_resize_sizes, configs.data.crop_size) == (64, (64,), (48, 64))
+    assert configs.data.train_json == "t.json" and configs.train.epochs == 50
+    assert config_from_checkpoint(checkpoint, str(path)) == configs.model
+    fresh, _, _ = build_from_config(configs.model)
+    load_checkpoint(fresh, path)  # strict
+
+
+def test_a_checkpoint_of_a_newer_format_says_so(tmp_path):
+    model, _, _ = build_model("single_scale", num_classes=5, **SMALL)
+    path = tmp_path / "newer.pth"
+    save_checkpoint(path, {"model": model.state_dict(), "format": "deformable-detr", "format_version": 3})
+    with pytest.raises(CheckpointError, match="format version 3, this version of deformable-detr reads 2"):
+        read_checkpoint(path)
+
+
+def test_our_checkpoint_holds_plain_data_only(tmp_path):
+    model, _, _ = build_model("single_scale", num_classes=5, **SMALL)
+    configs = RunConfigs(model_config("single_scale", num_classes=5, **SMALL), TrainConfig(lr_drop_epochs=(3, 7)),
+                         DataConfig(coco_path="coco"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [3, 7])
+    path = tmp_path / "ours.pth"
+    save_checkpoint(path, make_checkpoint(model.state_dict(), configs, {1: "cat"}, optimizer=optimizer.state_dict(),
+                                          lr_scheduler=scheduler.state_dict(), epoch=2))
+    loaded = torch.load(path, weights_only=True)  # nothing allowed beyond tensors and plain data
+    assert stored_configs(loaded, "ours.pth") == configs and loaded["categories"] == {1: "cat"}

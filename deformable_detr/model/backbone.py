@@ -9,9 +9,8 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from deformable_detr.config import RESNETS
 from deformable_detr.model.position_encoding import PositionEmbeddingSine
-
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def downsample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:

@@ -1,162 +1,66 @@
-"""``ddetr train`` / ``ddetr eval``: the official ``main.py`` with its flag names, plus custom datasets, AMP,
-variant presets, atomic checkpoints and a progress bar."""
+"""Training and evaluation as plain functions: ``train(model_cfg, train_cfg, data_cfg)`` is the official ``main()``
+(the same loop, schedule, checkpoints and log), ``evaluate_checkpoint(path, ...)`` its ``--eval`` branch.
+
+Both read their settings from the typed configs only. Everything that can be checked before work starts (the
+settings, the data files, a checkpoint to resume or fine-tune from and whether it fits the model) is checked first,
+so a failed start writes nothing and leaves what is already in the output folder untouched.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from deformable_detr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from deformable_detr.config import VARIANTS, model_config
-from deformable_detr.data import build_coco_dataset, collate_fn, make_coco_transforms
+from deformable_detr.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    make_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    stored_configs,
+)
+from deformable_detr.checkpoint_config import config_from_checkpoint
+from deformable_detr.config import (
+    VARIANTS,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfigs,
+    TrainConfig,
+    check_architecture,
+    merge_data,
+    merge_model,
+)
+from deformable_detr.data import CocoDetection, build_coco_dataset, collate_fn, make_coco_transforms
 from deformable_detr.model.build import build_from_config
 from deformable_detr.training.distributed import DistributedInfo, init_distributed
 from deformable_detr.training.engine import evaluate, train_one_epoch
 from deformable_detr.training.evaluation import format_stats
 from deformable_detr.training.optimizer import build_optimizer
 
-# Official flags we accept for compatibility with the official configs/*.sh, and the only value we support.
-_FIXED_OFFICIAL_FLAGS = {"position_embedding": "sine", "dataset_file": "coco", "masks": False,
-                         "frozen_weights": None, "lr_backbone_names": ["backbone.0"],
-                         "lr_linear_proj_names": ["reference_points", "sampling_offsets"]}
+COCO_NUM_CLASSES = 91  # the official COCO label space: category ids 1..90 with gaps, used as labels
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The official ``get_args_parser`` flags (same names and defaults), then ours."""
-    official = parser.add_argument_group("official flags (fundamentalvision/Deformable-DETR main.py)")
-    official.add_argument("--lr", default=2e-4, type=float)
-    official.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+")
-    official.add_argument("--lr_backbone", default=2e-5, type=float, help="0 freezes the whole backbone")
-    official.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str,
-                          nargs="+")
-    official.add_argument("--lr_linear_proj_mult", default=0.1, type=float)
-    official.add_argument("--batch_size", default=2, type=int, help="per process")
-    official.add_argument("--weight_decay", default=1e-4, type=float)
-    official.add_argument("--epochs", default=50, type=int)
-    official.add_argument("--lr_drop", default=40, type=int)
-    official.add_argument("--lr_drop_epochs", default=None, type=int, nargs="+")
-    official.add_argument("--clip_max_norm", default=0.1, type=float)
-    official.add_argument("--sgd", action="store_true")
-    official.add_argument("--with_box_refine", action="store_true")
-    official.add_argument("--two_stage", action="store_true")
-    official.add_argument("--frozen_weights", type=str, default=None)
-    official.add_argument("--backbone", default="resnet50", type=str)
-    official.add_argument("--dilation", action="store_true")
-    official.add_argument("--position_embedding", default="sine", type=str)
-    official.add_argument("--position_embedding_scale", default=2 * np.pi, type=float)
-    official.add_argument("--num_feature_levels", default=4, type=int)
-    official.add_argument("--enc_layers", default=6, type=int)
-    official.add_argument("--dec_layers", default=6, type=int)
-    official.add_argument("--dim_feedforward", default=1024, type=int)
-    official.add_argument("--hidden_dim", default=256, type=int)
-    official.add_argument("--dropout", default=0.1, type=float)
-    official.add_argument("--nheads", default=8, type=int)
-    official.add_argument("--num_queries", default=300, type=int)
-    official.add_argument("--dec_n_points", default=4, type=int)
-    official.add_argument("--enc_n_points", default=4, type=int)
-    official.add_argument("--masks", action="store_true")
-    official.add_argument("--no_aux_loss", dest="aux_loss", action="store_false")
-    official.add_argument("--set_cost_class", default=2, type=float)
-    official.add_argument("--set_cost_bbox", default=5, type=float)
-    official.add_argument("--set_cost_giou", default=2, type=float)
-    official.add_argument("--mask_loss_coef", default=1, type=float)
-    official.add_argument("--dice_loss_coef", default=1, type=float)
-    official.add_argument("--cls_loss_coef", default=2, type=float)
-    official.add_argument("--bbox_loss_coef", default=5, type=float)
-    official.add_argument("--giou_loss_coef", default=2, type=float)
-    official.add_argument("--focal_alpha", default=0.25, type=float)
-    official.add_argument("--dataset_file", default="coco")
-    official.add_argument("--coco_path", default=None, type=str,
-                          help="official layout: train2017/, val2017/, annotations/instances_{train,val}2017.json")
-    official.add_argument("--coco_panoptic_path", type=str)
-    official.add_argument("--remove_difficult", action="store_true")
-    official.add_argument("--output_dir", default="", help="where to save checkpoints and log.txt; empty: nowhere")
-    official.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    official.add_argument("--seed", default=42, type=int)
-    official.add_argument("--resume", default="", help="checkpoint to resume from (model, optimizer, lr, epoch)")
-    official.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    official.add_argument("--eval", action="store_true", help="only evaluate (the weights of --resume)")
-    official.add_argument("--num_workers", default=2, type=int)
-    official.add_argument("--cache_mode", action="store_true", help="load the images into memory (sharded by rank)")
-    official.add_argument("--world_size", default=1, type=int, help="set by torchrun / SLURM; kept for scripts")
-    official.add_argument("--dist_url", default="env://")
-
-    ours = parser.add_argument_group("deformable-detr additions")
-    ours.add_argument("--variant", choices=list(VARIANTS), default=None,
-                      help="preset of an official variant (sets --num_feature_levels/--dilation/--with_box_refine/"
-                      "--two_stage)")
-    ours.add_argument("--train_images", type=str, help="custom COCO-format data: training image folder")
-    ours.add_argument("--train_json", type=str, help="custom COCO-format data: training annotations")
-    ours.add_argument("--val_images", type=str, help="custom COCO-format data: validation image folder")
-    ours.add_argument("--val_json", type=str, help="custom COCO-format data: validation annotations")
-    ours.add_argument("--num_classes", type=int, default=None,
-                      help="number of class logits; default: 91 for --coco_path, else max category id + 1")
-    ours.add_argument("--pretrained_backbone", default="torchvision",
-                      help="'torchvision' (ImageNet weights, downloaded once), a local ResNet state_dict file, "
-                      "or 'none' (train from scratch)")
-    ours.add_argument("--finetune", default="", help="initialise from a checkpoint's model weights (not its "
-                      "optimizer/epoch); combine with --drop_class_heads for another label set")
-    ours.add_argument("--drop_class_heads", action="store_true",
-                      help="with --finetune: leave the class heads at their initialisation (other num_classes)")
-    ours.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision")
-    ours.add_argument("--msda_backend", default="auto", help="multi-scale deformable attention backend")
-    ours.add_argument("--train_scales", type=int, nargs="+", default=None,
-                      help="training short-side sizes (default: the official 480..800 step 32)")
-    ours.add_argument("--val_size", type=int, default=800, help="evaluation short side (official 800)")
-    ours.add_argument("--max_size", type=int, default=1333, help="longest side after resizing (official 1333)")
-    ours.add_argument("--crop_sizes", type=int, nargs=3, default=None, metavar=("R1", "CROP_MIN", "CROP_MAX"),
-                      help="training crop branch: resize short side to R1 +-, then crop to [CROP_MIN, CROP_MAX] "
-                      "(default: the official 400/500/600 and 384..600)")
-    ours.add_argument("--strict", action="store_true", help="stop on an unreadable image instead of skipping it")
-    ours.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    ours.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to output_dir/tb")
-    ours.add_argument("--no_progress", action="store_true", help="no progress bars")
-    return parser
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
-def _check_official_flags(args: argparse.Namespace) -> None:
-    for flag, supported in _FIXED_OFFICIAL_FLAGS.items():
-        if getattr(args, flag) != supported:
-            raise ValueError(f"--{flag} {getattr(args, flag)!r} is not supported (only {supported!r}): "
-                             + {"position_embedding": "the official models use the sine embedding",
-                                "dataset_file": "give COCO-format data with --coco_path or --train_json/...",
-                                "masks": "Deformable DETR has no segmentation head",
-                                "frozen_weights": "it only serves segmentation training",
-                                "lr_backbone_names": "parameter groups are collected from module references",
-                                "lr_linear_proj_names": "parameter groups are collected from module references",
-                                }[flag])
-
-
-def model_config_from_args(args: argparse.Namespace, num_classes: int):
-    """The ModelConfig the flags describe (``--variant`` first, then the official flags that differ from it)."""
-    preset = VARIANTS[args.variant] if args.variant else {}
-    options = dict(
-        backbone=args.backbone, dilation=args.dilation or bool(preset.get("dilation")),
-        train_backbone=args.lr_backbone > 0, position_embedding_scale=args.position_embedding_scale,
-        num_feature_levels=preset.get("num_feature_levels", args.num_feature_levels),
-        enc_layers=args.enc_layers, dec_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
-        hidden_dim=args.hidden_dim, dropout=args.dropout, nheads=args.nheads, num_queries=args.num_queries,
-        dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points,
-        with_box_refine=args.with_box_refine or bool(preset.get("with_box_refine")),
-        two_stage=args.two_stage or bool(preset.get("two_stage")), aux_loss=args.aux_loss,
-        set_cost_class=args.set_cost_class, set_cost_bbox=args.set_cost_bbox, set_cost_giou=args.set_cost_giou,
-        cls_loss_coef=args.cls_loss_coef, bbox_loss_coef=args.bbox_loss_coef, giou_loss_coef=args.giou_loss_coef,
-        focal_alpha=args.focal_alpha, msda_backend=args.msda_backend,
-    )
-    return model_config("deformable_detr", num_classes=num_classes, **options)
-
-
-def load_pretrained_backbone(model, source: str) -> None:
-    """ImageNet weights for the ResNet: torchvision's (downloaded once, cached) or a local state_dict file."""
+def load_pretrained_backbone(model: torch.nn.Module, source: str) -> None:
+    """ImageNet weights for the ResNet: torchvision's (downloaded once, cached), a local state_dict file, or none."""
     if source == "none":
         return
     body = model.backbone[0].body
@@ -193,162 +97,191 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _datasets(args: argparse.Namespace, info: DistributedInfo):
-    train_kwargs: dict = {}
-    if args.train_scales:
-        train_kwargs["scales"] = args.train_scales
-    if args.crop_sizes:
-        train_kwargs["crop_resize_sizes"] = [args.crop_sizes[0]]
-        train_kwargs["crop_size"] = (args.crop_sizes[1], args.crop_sizes[2])
-    train_kwargs["max_size"] = args.max_size
-    common = dict(cache_mode=args.cache_mode, local_rank=info.local_rank, local_size=info.local_size,
-                  strict=args.strict)
-    if args.coco_path:
-        def source(image_set):
-            return dict(coco_path=args.coco_path)
-    else:
-        if not (args.val_json and args.val_images):
-            raise ValueError("give the data: --coco_path DIR (official layout), or --train_images/--train_json "
-                             "and --val_images/--val_json (any COCO-format folder and JSON)")
+@dataclass
+class _Run:
+    """What both entry points set up: the process group, the device and the output folder."""
 
-        def source(image_set):
-            return dict(images=getattr(args, f"{image_set}_images"), annotations=getattr(args, f"{image_set}_json"))
-    val_set = build_coco_dataset("val", **source("val"), transforms=make_coco_transforms(
-        "val", val_size=args.val_size, max_size=args.max_size), **common)
-    train_set = None
-    if not args.eval:
-        if not args.coco_path and not (args.train_json and args.train_images):
-            raise ValueError("training needs --train_images and --train_json (or --coco_path)")
-        train_set = build_coco_dataset("train", **source("train"),
-                                       transforms=make_coco_transforms("train", **train_kwargs), **common)
-    return train_set, val_set
+    info: DistributedInfo
+    device: torch.device
+    output_dir: Path | None
+
+    def print(self, *args: Any) -> None:
+        if self.info.is_main:
+            print(*args, flush=True)
 
 
-def _num_classes(args: argparse.Namespace, datasets) -> int:
-    """Official COCO: 91 logits (category ids are used as labels). Custom data: max category id + 1."""
-    largest = max(max(d.category_ids, default=0) for d in datasets if d is not None)
-    if args.num_classes is None:
-        return 91 if args.coco_path else largest + 1
-    if largest >= args.num_classes:
-        raise ValueError(f"--num_classes {args.num_classes} does not fit the data: category id {largest} needs "
-                         f"at least {largest + 1} class logits (labels are the category ids)")
-    return args.num_classes
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Trains (or with --eval, evaluates) as the official main(); returns the last log entry."""
-    _check_official_flags(args)
-    info = init_distributed(args.dist_url, args.device)
-    device = torch.device(args.device if not args.device.startswith("cuda") or not info.enabled
-                          else f"cuda:{info.local_rank}")
-    _seed_everything(args.seed + info.rank)
-    output_dir = Path(args.output_dir) if args.output_dir else None
+def _start_run(train_cfg: TrainConfig) -> _Run:
+    device_name = resolve_device(train_cfg.device)
+    info = init_distributed(train_cfg.dist_url, device_name)
+    device = torch.device(f"cuda:{info.local_rank}" if device_name.startswith("cuda") and info.enabled
+                          else device_name)
+    output_dir = Path(train_cfg.output_dir) if train_cfg.output_dir else None
     if output_dir and info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-    if args.eval and not args.resume:
-        raise ValueError("--eval evaluates the weights of --resume CHECKPOINT; none given")
+    return _Run(info, device, output_dir)
 
-    train_set, val_set = _datasets(args, info)
-    num_classes = _num_classes(args, [train_set, val_set])
-    config = model_config_from_args(args, num_classes)
-    model, criterion, postprocessors = build_from_config(config)
-    if not args.resume:
-        load_pretrained_backbone(model, args.pretrained_backbone)
-    if args.finetune:
-        load_checkpoint(model, args.finetune, drop_class_heads=args.drop_class_heads)
-    model.to(device)
-    model_without_ddp = model
-    if info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    if info.is_main:
-        print(f"model: {config}\nnumber of trainable parameters: {n_parameters:,}")
 
-    optimizer = build_optimizer(model_without_ddp, args.lr, args.lr_backbone, args.lr_linear_proj_mult,
-                                args.weight_decay, args.sgd)
-    if args.lr_drop_epochs:
-        lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_drop_epochs)
+def _dataset(split: str, data_cfg: DataConfig, info: DistributedInfo) -> CocoDetection:
+    if split == "train":
+        transforms = make_coco_transforms("train", scales=data_cfg.train_scales, max_size=data_cfg.max_size,
+                                          crop_resize_sizes=data_cfg.crop_resize_sizes, crop_size=data_cfg.crop_size)
     else:
-        lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+        transforms = make_coco_transforms("val", val_size=data_cfg.val_size, max_size=data_cfg.max_size)
+    source = (dict(coco_path=data_cfg.coco_path) if data_cfg.coco_path else
+              dict(images=getattr(data_cfg, f"{split}_images"), annotations=getattr(data_cfg, f"{split}_json")))
+    return build_coco_dataset(split, **source, transforms=transforms, cache_mode=data_cfg.cache_mode,
+                              local_rank=info.local_rank, local_size=info.local_size, strict=data_cfg.strict)
 
-    if args.resume:
-        checkpoint = load_checkpoint(model_without_ddp, args.resume)
-        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-            try:
-                optimizer.load_state_dict(checkpoint["optimizer"])
-            except ValueError as error:
-                raise CheckpointError(f"--resume {args.resume}: its optimizer state does not fit this model's "
-                                      f"parameter groups ({error})") from error
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-            if scaler is not None and "scaler" in checkpoint:
-                scaler.load_state_dict(checkpoint["scaler"])
 
-    val_sampler = DistributedSampler(val_set, shuffle=False) if info.enabled else SequentialSampler(val_set)
-    val_loader = DataLoader(val_set, args.batch_size, sampler=val_sampler, drop_last=False, collate_fn=collate_fn,
-                            num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    progress = not args.no_progress
-    if args.eval:
-        stats, evaluator = evaluate(model, criterion, postprocessors, val_loader, val_set.coco, device, args.amp,
-                                    progress)
-        if info.is_main:
-            print(evaluator.summary)
-            if output_dir:
-                (output_dir / "eval.json").write_text(json.dumps({f"test_{k}": v for k, v in stats.items()}))
-        return {f"test_{k}": v for k, v in stats.items()}
+def _check_data_given(data_cfg: DataConfig, training: bool) -> None:
+    if training and not data_cfg.has_train_data():
+        raise ConfigError("training needs data: --coco_path DIR (the official layout), or --train_images/--train_json "
+                          "and --val_images/--val_json (any COCO-format folder and JSON)")
+    if not data_cfg.has_val_data():
+        raise ConfigError("give the validation data: --coco_path DIR (the official layout), or --val_images and "
+                          "--val_json (any COCO-format folder and JSON)")
 
+
+def resolve_num_classes(model_cfg: ModelConfig, data_cfg: DataConfig, datasets: list[CocoDetection]) -> int:
+    """``num_classes`` of the model: as configured (it must fit every category id, the labels), else 91 for COCO
+    in the official layout, else the largest category id + 1."""
+    largest = max(max(d.category_ids, default=0) for d in datasets)
+    if model_cfg.num_classes is None:
+        return COCO_NUM_CLASSES if data_cfg.coco_path else largest + 1
+    if largest >= model_cfg.num_classes:
+        raise ConfigError(f"num_classes {model_cfg.num_classes} does not fit the data: category id {largest} needs "
+                          f"at least {largest + 1} class logits (labels are the category ids)")
+    return model_cfg.num_classes
+
+
+def _checkpoint_model(path: str, flag: str) -> tuple[dict[str, Any], ModelConfig, RunConfigs | None]:
+    """The checkpoint behind ``--resume``/``--finetune``, the model it holds, and its stored configs."""
+    checkpoint = read_checkpoint(path)
+    return checkpoint, config_from_checkpoint(checkpoint, f"--{flag} {path}"), stored_configs(checkpoint, path)
+
+
+def _val_loader(val_set: CocoDetection, batch_size: int, data_cfg: DataConfig, run: _Run) -> DataLoader:
+    sampler = DistributedSampler(val_set, shuffle=False) if run.info.enabled else SequentialSampler(val_set)
+    return DataLoader(val_set, batch_size, sampler=sampler, drop_last=False, collate_fn=collate_fn,
+                      num_workers=data_cfg.num_workers, pin_memory=run.device.type == "cuda")
+
+
+def _stats_entry(prefix: str, stats: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}_{k}": v for k, v in stats.items()}
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
+    """Trains as the official ``main()`` and returns the last log entry (the official keys).
+
+    ``train_cfg.resume``: continue that checkpoint's run (its weights, optimizer, lr schedule and epoch); the model
+    must fit its weights (an architecture setting that differs is an error naming both values).
+    ``train_cfg.finetune``: start from that checkpoint's weights; with ``drop_class_heads`` another
+    ``num_classes`` is allowed and the class heads start afresh. ``model_cfg.num_classes`` None: from the data.
+    Each epoch writes ``checkpoint.pth`` (and ``checkpointNNNN.pth`` every 5 epochs and before the lr drop) and a
+    line of ``log.txt`` to ``train_cfg.output_dir``.
+    """
+    _check_data_given(data_cfg, training=True)
+    resumed = finetuned = None
+    if train_cfg.resume:
+        resumed = _checkpoint_model(train_cfg.resume, "resume")
+        check_architecture(model_cfg, resumed[1], f"--resume {train_cfg.resume}")
+    if train_cfg.finetune:
+        finetuned = _checkpoint_model(train_cfg.finetune, "finetune")
+        check_architecture(model_cfg, finetuned[1], f"--finetune {train_cfg.finetune}",
+                           allow_num_classes=train_cfg.drop_class_heads)
+
+    run = _start_run(train_cfg)
+    _seed_everything(train_cfg.seed + run.info.rank)
+    train_set, val_set = _dataset("train", data_cfg, run.info), _dataset("val", data_cfg, run.info)
+    model_cfg = dataclasses.replace(
+        model_cfg, num_classes=resolve_num_classes(model_cfg, data_cfg, [train_set, val_set]),
+        # The official code freezes the whole backbone when its learning rate is 0.
+        train_backbone=model_cfg.train_backbone and train_cfg.lr_backbone > 0)
+    configs = RunConfigs(model_cfg, train_cfg, data_cfg)
+    model, criterion, postprocessors = build_from_config(model_cfg)
+    if resumed is not None:
+        load_model_state(model, resumed[0]["model"])
+    elif finetuned is not None:
+        load_model_state(model, finetuned[0]["model"], drop_class_heads=train_cfg.drop_class_heads)
+    else:
+        load_pretrained_backbone(model, train_cfg.pretrained_backbone)
+    model.to(run.device)
+    model_without_ddp = model
+    if run.info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    run.print(f"model: {model_cfg}\nnumber of trainable parameters: {n_parameters:,}")
+
+    optimizer = build_optimizer(model_without_ddp, train_cfg.lr, train_cfg.lr_backbone,
+                                train_cfg.lr_linear_proj_mult, train_cfg.weight_decay, train_cfg.sgd)
+    if train_cfg.lr_drop_epochs:
+        lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(train_cfg.lr_drop_epochs))
+    else:
+        lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, train_cfg.lr_drop)
+    scaler = torch.amp.GradScaler(run.device.type) if train_cfg.amp == "fp16" else None
+    start_epoch = train_cfg.start_epoch
+    if resumed is not None and all(k in resumed[0] for k in ("optimizer", "lr_scheduler", "epoch")):
+        checkpoint = resumed[0]
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as error:
+            raise CheckpointError(f"--resume {train_cfg.resume}: its optimizer state does not fit this model's "
+                                  f"parameter groups ({error})") from error
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        start_epoch = checkpoint["epoch"] + 1
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+
+    val_loader = _val_loader(val_set, train_cfg.batch_size, data_cfg, run)
     writer = None
-    if args.tensorboard and output_dir and info.is_main:
+    if train_cfg.tensorboard and run.output_dir and run.info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(output_dir / "tb"))
-    print_fn = print if info.is_main else (lambda *a, **k: None)
-    print_fn(f"training {len(train_set)} images, evaluating {len(val_set)}; "
-             f"epochs {args.start_epoch}..{args.epochs - 1}")
-    start_time = time.time()
-    log_stats: dict = {}
-    for epoch in range(args.start_epoch, args.epochs):
+        writer = SummaryWriter(str(run.output_dir / "tb"))
+    run.print(f"training {len(train_set)} images, evaluating {len(val_set)}; epochs {start_epoch}.."
+              f"{train_cfg.epochs - 1}; {run.info.world_size} process{'es' if run.info.world_size > 1 else ''} on "
+              f"{run.device.type}")
+    started = time.time()
+    log_stats: dict[str, Any] = {}
+    for epoch in range(start_epoch, train_cfg.epochs):
         # Every epoch starts from RNG states that depend only on (seed, epoch, rank), so that resuming from a
         # checkpoint replays exactly what an uninterrupted run does.
-        _seed_everything(args.seed + 1000 * epoch + info.rank)
-        generator = torch.Generator().manual_seed(args.seed + epoch)
-        if info.enabled:
-            train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed)
+        _seed_everything(train_cfg.seed + 1000 * epoch + run.info.rank)
+        generator = torch.Generator().manual_seed(train_cfg.seed + epoch)
+        if run.info.enabled:
+            train_sampler = DistributedSampler(train_set, shuffle=True, seed=train_cfg.seed)
             train_sampler.set_epoch(epoch)
         else:
             train_sampler = RandomSampler(train_set, generator=generator)
-        train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, drop_last=True,
-                                  collate_fn=collate_fn, num_workers=args.num_workers,
-                                  pin_memory=device.type == "cuda", generator=generator)
-        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, args.clip_max_norm,
-                                      args.amp, scaler, progress)
+        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=train_sampler, drop_last=True,
+                                  collate_fn=collate_fn, num_workers=data_cfg.num_workers,
+                                  pin_memory=run.device.type == "cuda", generator=generator)
+        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, run.device, epoch,
+                                      train_cfg.clip_max_norm, train_cfg.amp, scaler, progress=train_cfg.progress,
+                                      print_freq=train_cfg.print_freq)
         lr_scheduler.step()
-        skipped = getattr(train_set, "num_skipped", 0)
-        if skipped:
-            print_fn(f"epoch {epoch}: {skipped} unreadable image(s) skipped so far (see the warnings above)")
-        if output_dir and info.is_main:
-            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                          "categories": train_set.categories}  # {label: name}, read by ddetr predict
-            if scaler is not None:
-                checkpoint["scaler"] = scaler.state_dict()
-            save_checkpoint(output_dir / "checkpoint.pth", checkpoint)
+        if train_set.num_skipped:
+            run.print(f"epoch {epoch}: {train_set.num_skipped} unreadable image(s) skipped so far (see the "
+                      "warnings above)")
+        if run.output_dir and run.info.is_main:
+            checkpoint = make_checkpoint(
+                model_without_ddp.state_dict(), configs, train_set.categories, optimizer=optimizer.state_dict(),
+                lr_scheduler=lr_scheduler.state_dict(), epoch=epoch,
+                scaler=scaler.state_dict() if scaler is not None else None)
+            save_checkpoint(run.output_dir / "checkpoint.pth", checkpoint)
             # Extra numbered checkpoints before the lr drop and every 5 epochs, as the official main.py.
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 5 == 0:
-                save_checkpoint(output_dir / f"checkpoint{epoch:04}.pth", checkpoint)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                     "n_parameters": n_parameters}
-        if (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1:
-            test_stats, evaluator = evaluate(model, criterion, postprocessors, val_loader, val_set.coco, device,
-                                             args.amp, progress)
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                         **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch,
+            if (epoch + 1) % train_cfg.lr_drop == 0 or (epoch + 1) % 5 == 0:
+                save_checkpoint(run.output_dir / f"checkpoint{epoch:04}.pth", checkpoint)
+        log_stats = {**_stats_entry("train", train_stats), "epoch": epoch, "n_parameters": n_parameters}
+        if (epoch + 1) % train_cfg.eval_every == 0 or epoch == train_cfg.epochs - 1:
+            test_stats, _ = evaluate(model, criterion, postprocessors, val_loader, val_set.coco, run.device,
+                                     train_cfg.amp, progress=train_cfg.progress, print_freq=train_cfg.print_freq)
+            log_stats = {**_stats_entry("train", train_stats), **_stats_entry("test", test_stats), "epoch": epoch,
                          "n_parameters": n_parameters}
-            print_fn(f"epoch {epoch}: COCO bbox\n{format_stats(test_stats['coco_eval_bbox'])}")
-        if output_dir and info.is_main:
-            with (output_dir / "log.txt").open("a") as log:
+            run.print(f"epoch {epoch}: COCO bbox\n{format_stats(test_stats['coco_eval_bbox'])}")
+        if run.output_dir and run.info.is_main:
+            with (run.output_dir / "log.txt").open("a") as log:
                 log.write(json.dumps(log_stats) + "\n")
             if writer is not None:
                 for key, value in log_stats.items():
@@ -357,8 +290,96 @@ def run(args: argparse.Namespace) -> dict:
                 if "test_coco_eval_bbox" in log_stats:
                     writer.add_scalar("test_AP", log_stats["test_coco_eval_bbox"][0], epoch)
                     writer.add_scalar("test_AP50", log_stats["test_coco_eval_bbox"][1], epoch)
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
-    print_fn(f"training time {total}")
+    run.print(f"training time {datetime.timedelta(seconds=int(time.time() - started))}")
     if writer is not None:
         writer.close()
     return log_stats
+
+
+def evaluate_checkpoint(path: str | Path, data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
+                        model_overrides: dict[str, Any] | None = None, *, variant: str | None = None
+                        ) -> dict[str, Any]:
+    """COCO bbox evaluation of the model in checkpoint ``path`` (ours or official): the official ``--eval``.
+
+    The model is rebuilt from the checkpoint. ``data_cfg``: the validation data and sizes (default: those the
+    checkpoint was trained with). ``train_cfg``: the run settings used here (device, batch_size, amp, output_dir,
+    progress, print_freq, dist_url). ``model_overrides``: settings of the model that its weights do not depend on
+    (e.g. ``msda_backend``, ``num_detections``); an architecture setting that differs is an error naming both
+    values. ``variant``: for an official checkpoint without settings, what its weights cannot tell (DC5).
+    Returns the official ``test_*`` entries (``test_coco_eval_bbox``: the 12 COCO numbers) and writes them to
+    ``OUTPUT_DIR/eval.json``.
+    """
+    train_cfg = train_cfg or TrainConfig()
+    checkpoint = read_checkpoint(path)
+    stored = config_from_checkpoint(checkpoint, str(path), variant=variant)
+    model_cfg = dataclasses.replace(stored, **(model_overrides or {}))
+    check_architecture(model_cfg, stored, f"checkpoint {path}")
+    if data_cfg is None:
+        runs = stored_configs(checkpoint, str(path))
+        data_cfg = runs.data if runs is not None else DataConfig()
+    _check_data_given(data_cfg, training=False)
+
+    run = _start_run(train_cfg)
+    val_set = _dataset("val", data_cfg, run.info)
+    largest = max(val_set.category_ids, default=0)
+    if largest >= model_cfg.num_classes:
+        raise ConfigError(f"the data has category id {largest}, but the model in {path} has {model_cfg.num_classes} "
+                          "classes: evaluate on data with its categories, or fine-tune it on these with --finetune "
+                          f"{path} --drop_class_heads")
+    model, criterion, postprocessors = build_from_config(model_cfg)
+    load_model_state(model, checkpoint["model"])
+    model.to(run.device)
+    if run.info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    val_loader = _val_loader(val_set, train_cfg.batch_size, data_cfg, run)
+    stats, evaluator = evaluate(model, criterion, postprocessors, val_loader, val_set.coco, run.device, train_cfg.amp,
+                                progress=train_cfg.progress, print_freq=train_cfg.print_freq)
+    entry = _stats_entry("test", stats)
+    run.print(evaluator.summary)
+    if run.output_dir and run.info.is_main:
+        (run.output_dir / "eval.json").write_text(json.dumps(entry))
+    return entry
+
+
+# ----------------------------------------------------------------------------- settings given on a command line
+
+
+def run_configs_from_settings(settings: dict[str, dict[str, Any]], variant: str | None = None) -> RunConfigs:
+    """The configs of a training run from the settings given explicitly (``{"model": {...}, "train": {...},
+    "data": {...}}``, e.g. the flags typed after ``ddetr train``) and the variant preset, under them.
+
+    Without a checkpoint: the defaults, the preset, then the settings. With ``resume``: the checkpoint's configs
+    (the model read off its weights for an official one), then the settings; one that contradicts the weights is an
+    error naming both values. With ``finetune``: the checkpoint's model (with ``drop_class_heads``, its
+    ``num_classes`` comes from the new data unless given), and the recipe and data of the settings alone.
+    """
+    model_settings = {**(VARIANTS[variant] if variant else {}), **settings["model"]}
+    train_settings, data_settings = dict(settings["train"]), dict(settings["data"])
+    source = train_settings.get("resume") or train_settings.get("finetune")
+    if not source:
+        return RunConfigs(ModelConfig(**model_settings), TrainConfig(**train_settings), DataConfig(**data_settings))
+    flag = "resume" if train_settings.get("resume") else "finetune"
+    checkpoint, stored_model, stored = _checkpoint_model(source, flag)
+    if flag == "finetune":
+        drop = train_settings.get("drop_class_heads", False)
+        if drop:
+            model_settings = {"num_classes": None, **model_settings}
+        model = merge_model(stored_model, model_settings, f"--finetune {source}", allow_num_classes=drop)
+        return RunConfigs(model, TrainConfig(**train_settings), DataConfig(**data_settings))
+    model = merge_model(stored_model, model_settings, f"--resume {source}")
+    if stored is None:  # an official checkpoint: the recipe and the data are the flags'
+        return RunConfigs(model, TrainConfig(**train_settings), DataConfig(**data_settings))
+    # The stored run continues: its recipe, without the start it had (a fine-tuned run resumes from its own weights).
+    train_cfg = dataclasses.replace(stored.train, finetune="", drop_class_heads=False, start_epoch=0,
+                                    **train_settings)
+    return RunConfigs(model, train_cfg, merge_data(stored.data, data_settings))
+
+
+def eval_configs_from_settings(path: str | Path, settings: dict[str, dict[str, Any]]
+                               ) -> tuple[DataConfig, TrainConfig]:
+    """The data and run settings of ``ddetr eval CHECKPOINT``: the checkpoint's data, with the data settings given
+    explicitly over it, and the run settings given."""
+    stored = stored_configs(read_checkpoint(path), str(path))
+    data_cfg = merge_data(stored.data if stored is not None else DataConfig(), settings["data"])
+    return data_cfg, TrainConfig(**settings["train"])
