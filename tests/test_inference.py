@@ -7,6 +7,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -14,9 +15,9 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from deformable_detr.checkpoint import CheckpointError, save_checkpoint
+from deformable_detr.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
 from deformable_detr.checkpoint_config import config_from_checkpoint
-from deformable_detr.config import VARIANTS
+from deformable_detr.config import VARIANTS, DataConfig, ModelConfig, RunConfigs, TrainConfig, model_config
 from deformable_detr.data.coco_names import COCO_CATEGORIES
 from deformable_detr.data.collate import batch_images
 from deformable_detr.data.transforms import make_coco_transforms
@@ -25,16 +26,11 @@ from deformable_detr.inference.rewrites import fold_frozen_batchnorm, optimize_f
 from deformable_detr.inference.sampling_points import SamplingPointRecorder, draw_sampling_points
 from deformable_detr.model import ms_deform_attn as ms_deform_attn_module
 from deformable_detr.model.build import build_from_config, build_model
-from deformable_detr.training.train import add_train_arguments, model_config_from_args
 
-TINY = ["--backbone", "resnet18", "--pretrained_backbone", "none", "--hidden_dim", "32", "--nheads", "8",
-        "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "12",
-        "--enc_n_points", "2", "--dec_n_points", "2", "--val_size", "64", "--max_size", "96"]
+TINY = dict(backbone="resnet18", hidden_dim=32, nheads=8, enc_layers=1, dec_layers=2, dim_feedforward=64,
+            num_queries=12, enc_n_points=2, dec_n_points=2)
+TINY_DATA = DataConfig(val_size=64, max_size=96)
 CATEGORIES = {0: "zero", 1: "circle", 2: "square", 3: "star", 4: "cross"}
-# Flags of ddetr train that the official main.py does not have: an official Namespace lacks them.
-OUR_FLAGS = ("variant", "train_images", "train_json", "val_images", "val_json", "num_classes", "pretrained_backbone",
-             "finetune", "drop_class_heads", "amp", "msda_backend", "train_scales", "val_size", "max_size",
-             "crop_sizes", "strict", "eval_every", "tensorboard", "no_progress")
 
 
 def _randomise_frozen_batchnorm(model: torch.nn.Module, seed: int = 1) -> None:
@@ -49,16 +45,22 @@ def _randomise_frozen_batchnorm(model: torch.nn.Module, seed: int = 1) -> None:
             module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
 
 
-def _tiny(extra: list[str] = (), num_classes: int = 5) -> tuple[torch.nn.Module, argparse.Namespace]:
-    args = add_train_arguments(argparse.ArgumentParser()).parse_args(TINY + list(extra))
+def _tiny(variant: str = "deformable_detr", num_classes: int = 5) -> tuple[torch.nn.Module, ModelConfig]:
+    config = model_config(variant, num_classes=num_classes, **TINY)
     torch.manual_seed(0)
-    model, _, _ = build_from_config(model_config_from_args(args, num_classes))
+    model, _, _ = build_from_config(config)
     _randomise_frozen_batchnorm(model)
     # Spread the class scores, so that thresholds keep some detections and drop others.
     with torch.no_grad():
         for head in model.class_embed:
             head.bias.normal_(0.0, 2.0)
-    return model.eval(), args
+    return model.eval(), config
+
+
+def _save_ours(path, model: torch.nn.Module, config: ModelConfig) -> None:
+    """A checkpoint as ddetr train writes it."""
+    save_checkpoint(path, make_checkpoint(model.state_dict(), RunConfigs(config, TrainConfig(), TINY_DATA),
+                                          CATEGORIES, epoch=3))
 
 
 def _image(height: int, width: int, seed: int) -> np.ndarray:
@@ -69,18 +71,19 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
-    model, args = _tiny(["--with_box_refine"])
+    model, config = _tiny("box_refine")
     path = tmp_path_factory.mktemp("ours") / "checkpoint.pth"
-    save_checkpoint(path, {"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 3,
-                           "args": args, "categories": CATEGORIES})
-    return model, args, path
+    _save_ours(path, model, config)
+    return model, config, path
 
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """An official-style checkpoint: 91 COCO classes, the official Namespace (none of our flags), no names."""
-    model, args = _tiny(num_classes=91)
-    official_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in OUR_FLAGS})
+    model, _ = _tiny(num_classes=91)
+    recorded = json.loads((Path(__file__).parent / "data" / "official_main_defaults.json").read_text())
+    official_args = argparse.Namespace(**{**recorded, **TINY, "_source": None})
+    del official_args._source
     path = tmp_path_factory.mktemp("official") / "r50_deformable_detr-checkpoint.pth"
     save_checkpoint(path, {"model": model.state_dict(), "args": official_args})
     return model, path
@@ -109,14 +112,14 @@ def _assert_same(detections, expected, threshold: float, exact: bool) -> None:
 
 
 def test_our_checkpoint_predicts_what_model_and_postprocess_give(ours):
-    model, args, path = ours
+    model, config, path = ours
     image = PIL.Image.fromarray(_image(48, 72, seed=0))
     expected = _by_hand(model, [image])[0]
     # Between the 21st and 22nd scores: keeps 21, away from float noise.
     threshold = float(expected["scores"][20:22].mean())
 
     exact = Detector.from_checkpoint(path, score_threshold=threshold, optimize=False)
-    assert exact.config == model_config_from_args(args, 5)
+    assert exact.config == config
     assert (exact.val_size, exact.max_size) == (64, 96)
     detections = exact.predict(image)
     _assert_same(detections, expected, threshold, exact=True)
@@ -319,7 +322,7 @@ def test_predict_cli_skips_an_unreadable_file_and_processes_the_rest(ours, tmp_p
     (folder / "readme.txt").write_text("not an image suffix: ignored")
     out = tmp_path / "out"
     result = _ddetr("predict", str(path), str(folder), str(tmp_path / "absent.png"), "--out", str(out),
-                    "--score-threshold", "0.05", "--batch-size", "2", "--no-progress", "--show-sampling-points")
+                    "--score-threshold", "0.05", "--batch-size", "2", "--no-progress", "--show_sampling_points")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "broken.jpg: cannot read the image" in result.stderr and "absent.png: no such file" in result.stderr
     assert "2 input(s) failed" in result.stderr
@@ -363,9 +366,9 @@ def test_export_onnx_command(tmp_path, capsys):
     from deformable_detr.cli import main
 
     # Single-scale: torch.export takes about 15 s on this model, twice that with four levels.
-    model, args = _tiny(["--variant", "single_scale"])
+    model, config = _tiny("single_scale")
     path = tmp_path / "single_scale.pth"
-    save_checkpoint(path, {"model": model.state_dict(), "args": args, "categories": CATEGORIES})
+    _save_ours(path, model, config)
     out = tmp_path / "model.onnx"
     assert main(["export", "onnx", str(path), str(out), "--size", "64", "96"]) == 0
     printed = capsys.readouterr().out

@@ -15,14 +15,19 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import PIL.Image
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+# Image decoding lives in images.py (inference needs it without pycocotools); re-exported for existing imports.
+from deformable_detr.data.images import UnreadableImageError, load_rgb_image, read_rgb_image, to_rgb
 from deformable_detr.data.transforms import ImageLike, Target, Transform, make_coco_transforms
+
+__all__ = ["AnnotationFileError", "CocoDetection", "DatasetLayoutError", "ORIENTATIONS", "UnreadableImageError",
+           "build_coco_dataset", "category_info", "load_coco_annotations", "load_rgb_image", "num_classes",
+           "prepare_coco_target", "to_rgb"]
 
 OFFICIAL_LAYOUT = """\
   <coco_path>/train2017/                              training images
@@ -30,7 +35,7 @@ OFFICIAL_LAYOUT = """\
   <coco_path>/annotations/instances_train2017.json
   <coco_path>/annotations/instances_val2017.json"""
 
-_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ORIENTATIONS = ("auto", "upright", "stored")
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -39,10 +44,6 @@ class DatasetLayoutError(FileNotFoundError):
 
 class AnnotationFileError(ValueError):
     """An annotation file is not valid JSON or not COCO detection format."""
-
-
-class UnreadableImageError(OSError):
-    """An image file is missing, truncated or not an image."""
 
 
 # --------------------------------------------------------------------------------------------- annotation file
@@ -132,40 +133,6 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-# ------------------------------------------------------------------------------------------------------ images
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL image as 8-bit RGB. 16-bit integer images (mode I;16*, and I, which PIL uses for 16-bit PNGs) are
-    scaled from 0..65535 to 0..255, where a plain ``convert('RGB')`` would clip them to 255; palette images with
-    transparency go through RGBA (PIL warns otherwise). Alpha is dropped, as the official ``convert('RGB')``."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _16_BIT_MODES:
-        values = np.asarray(image).astype(np.int64).clip(0, 65535)
-        return PIL.Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode in ("P", "PA") and ("transparency" in image.info or image.mode == "PA"):
-        return image.convert("RGBA").convert("RGB")
-    return image.convert("RGB")
-
-
-def load_rgb_image(source: str | Path | bytes, name: str | None = None) -> PIL.Image.Image:
-    """Decodes a whole image file (a path or its bytes) into an RGB PIL image.
-
-    Raises :class:`UnreadableImageError` naming the file for a missing, truncated or non-image file; decoding is
-    forced here so that truncation shows up at load time rather than in a later transform.
-    """
-    name = name or str(source if not isinstance(source, bytes) else "<bytes>")
-    try:
-        with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image.load()
-            return to_rgb(image)
-    except FileNotFoundError as error:
-        raise UnreadableImageError(f"{name}: image file not found") from error
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
-        raise UnreadableImageError(f"{name}: cannot read the image ({type(error).__name__}: {error})") from error
-
-
 # ------------------------------------------------------------------------------------------------------ target
 
 
@@ -207,15 +174,37 @@ class CocoDetection(Dataset):
     ``cache_mode`` reads the files' bytes into memory up front, only those of the items with index % local_size ==
     local_rank (the official sharding: with the official distributed sampler a process mostly reads its own share;
     others are read from disk on first use, then cached too).
+
+    ``orientation``: which way up an image with an EXIF Orientation tag (a phone photo stored sideways) is read.
+    The facts: the official loader (``Image.open(path).convert('RGB')``) ignores the tag, so it trains and
+    evaluates on the stored pixels. A COCO-format file does not say in which orientation its boxes were drawn, and
+    tools differ: annotators that display the image with the tag applied (RectLabel, labelme, Dataloop, VIA in a
+    browser that applies it) give boxes on the upright image; others strip or ignore the tag and give boxes on the
+    stored pixels (Labelbox strips it; CTW1500 and ICDAR2017 were annotated on the stored pixels,
+    open-mmlab/mmocr#375). The only
+    evidence in the file is each image's ``width`` / ``height``, and it tells the two apart only for a quarter-turn
+    tag (orientations 5..8) on a non-square image.
+
+    * ``"auto"`` (default): upright, except when the file's width / height are the stored size and not the upright
+      one: then the boxes were measured on the stored pixels, which are kept (as officially). Untagged images read
+      exactly as officially.
+    * ``"upright"``: always apply the tag; ``"stored"``: never (the official behaviour). For files whose sizes are
+      known to be wrong (Label Studio's COCO export writes the stored size of an image it annotated upright,
+      HumanSignal/label-studio#6608) or when the boxes are known to follow the stored pixels of a 180-degree or
+      square image, which the sizes cannot show.
+
+    Either way, an image whose size then differs from the file's ``width`` / ``height`` gets a warning naming it.
     """
 
     def __init__(self, image_folder: str | Path, annotation_file: str | Path, transforms: Transform | None = None,
                  *, cache_mode: bool = False, local_rank: int = 0, local_size: int = 1, strict: bool = False,
-                 progress: bool = True) -> None:
+                 orientation: Literal["auto", "upright", "stored"] = "auto", progress: bool = True) -> None:
         self.image_folder = Path(image_folder)
         if not self.image_folder.is_dir():
             raise DatasetLayoutError(f"{self.image_folder}: image folder not found (expected a folder holding the "
                                      f"files named by the 'file_name' fields of {annotation_file})")
+        if orientation not in ORIENTATIONS:
+            raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
         if not 0 <= local_rank < local_size:
             raise ValueError(f"need 0 <= local_rank < local_size, got local_rank={local_rank}, "
                              f"local_size={local_size}")
@@ -224,6 +213,7 @@ class CocoDetection(Dataset):
         self.ids: list[int] = sorted(self.coco.imgs)
         self.transforms = transforms
         self.strict = strict
+        self.orientation = orientation
         self.cache_mode = cache_mode
         self.local_rank, self.local_size = local_rank, local_size
         # Shared memory, so that skips in DataLoader worker processes show in the main process's count.
@@ -260,7 +250,8 @@ class CocoDetection(Dataset):
                 pass  # reported (or raised, when strict) when the item is read
 
     def load_image(self, index: int) -> PIL.Image.Image:
-        """The RGB image of item ``index``, untransformed; :class:`UnreadableImageError` if it cannot be read."""
+        """The RGB image of item ``index``, untransformed, turned by its EXIF orientation as ``orientation`` says;
+        :class:`UnreadableImageError` if it cannot be read."""
         info = self.coco.imgs[self.ids[index]]
         file_name = info["file_name"]
         path = self.image_folder / file_name
@@ -270,10 +261,14 @@ class CocoDetection(Dataset):
                     self.cache[file_name] = path.read_bytes()
                 except OSError as error:
                     raise UnreadableImageError(f"{path}: cannot read the file ({error.strerror or error})") from error
-            image = load_rgb_image(self.cache[file_name], name=str(path))
+            stored = read_rgb_image(self.cache[file_name], name=str(path))
         else:
-            image = load_rgb_image(path)
-        if (info.get("width"), info.get("height")) not in ((image.width, image.height), (None, None)):
+            stored = read_rgb_image(path)
+        declared = (info.get("width"), info.get("height"))
+        upright = self.orientation == "upright" or (
+            self.orientation == "auto" and not (declared == stored.image.size != stored.upright_size))
+        image = stored.upright() if upright else stored.image
+        if declared not in ((image.width, image.height), (None, None)):
             warnings.warn(f"{path}: the image is {image.width}x{image.height} but {self.annotation_file} says "
                           f"{info.get('width')}x{info.get('height')}; boxes are taken as given, in the pixels of "
                           "the file", stacklevel=2)
@@ -325,12 +320,13 @@ def build_coco_dataset(image_set: str, coco_path: str | Path | None = None, imag
                        annotations: str | Path | None = None, *, cache_mode: bool = False, local_rank: int = 0,
                        local_size: int = 1, strict: bool = False,
                        transforms: Transform | Literal["official"] | None = "official",
+                       orientation: Literal["auto", "upright", "stored"] = "auto",
                        progress: bool = True) -> CocoDetection:
     """The ``image_set`` ('train' or 'val') split, from the official COCO layout (``coco_path``) or from any image
     folder + COCO-format JSON (``images`` and ``annotations``).
 
     ``transforms``: 'official' = :func:`make_coco_transforms` (image_set) with the official sizes; None returns the
-    RGB PIL image and the untransformed target.
+    RGB PIL image and the untransformed target. ``orientation``: see :class:`CocoDetection`.
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
@@ -355,5 +351,5 @@ def build_coco_dataset(image_set: str, coco_path: str | Path | None = None, imag
     elif transforms is not None and not callable(transforms):
         raise TypeError(f"transforms must be callable, 'official' or None, got {transforms!r}")
     return CocoDetection(images, annotations, transforms, cache_mode=cache_mode, local_rank=local_rank,
-                         local_size=local_size, strict=strict, progress=progress)
+                         local_size=local_size, strict=strict, orientation=orientation, progress=progress)
 

@@ -21,6 +21,13 @@ import torchvision.transforms.functional as F
 from torch import Tensor
 
 from deformable_detr.box_ops import box_xyxy_to_cxcywh
+from deformable_detr.config import (
+    OFFICIAL_CROP_RESIZE_SIZES,
+    OFFICIAL_CROP_SIZE,
+    OFFICIAL_MAX_SIZE,
+    OFFICIAL_TRAIN_SCALES,
+    OFFICIAL_VAL_SIZE,
+)
 
 Target = dict[str, Tensor]
 ImageLike = PIL.Image.Image | Tensor
@@ -28,11 +35,6 @@ Transform = Callable[[ImageLike, Target | None], tuple[ImageLike, Target | None]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-OFFICIAL_TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
-OFFICIAL_MAX_SIZE = 1333
-OFFICIAL_CROP_RESIZE_SIZES = (400, 500, 600)
-OFFICIAL_CROP_SIZE = (384, 600)
-OFFICIAL_VAL_SIZE = 800
 
 # Per-instance fields that a crop filters together with the boxes.
 _INSTANCE_FIELDS = ("labels", "area", "iscrowd")
@@ -109,14 +111,17 @@ def get_size_with_aspect_ratio(size_wh: tuple[int, int], size: int, max_size: in
 def resize(image: ImageLike, target: Target | None, size: int | Sequence[int], max_size: int | None = None
            ) -> tuple[ImageLike, Target | None]:
     """Resize to short side ``size`` (capped by ``max_size``, see :func:`get_size_with_aspect_ratio`) or to the
-    exact ``size`` = (w, h) when a pair is given. A PIL image is resampled by PIL (bilinear, as the official).
+    exact ``size`` = (w, h) when a pair is given. A PIL image is resampled by PIL (bilinear, as the official), a
+    (..., H, W) tensor by torchvision (bilinear, antialiased).
     Boxes scale by (ratio_w, ratio_h) and areas by ratio_w * ratio_h, the ratios being those of the integer output
     size to the input size."""
     if isinstance(size, Sequence):
         output_hw = (int(size[1]), int(size[0]))
     else:
         output_hw = get_size_with_aspect_ratio(image_size(image), size, max_size)
-    resized = F.resize(image, list(output_hw))
+    # antialias: PIL always filters; for tensors it makes a downscale average the pixels as PIL's does, rather than
+    # sample them (torchvision's default for tensors is the same, stated here so that it cannot drift).
+    resized = F.resize(image, list(output_hw), antialias=True)
     if target is None:
         return resized, None
     (new_width, new_height), (old_width, old_height) = image_size(resized), image_size(image)
@@ -268,6 +273,50 @@ class Normalize:
 # ------------------------------------------------------------------------------------------------- pipelines
 
 
+class EvalTransform(Compose):
+    """The evaluation transform, for datasets and for inference: short side to ``val_size`` with the long side at
+    most ``max_size`` (:func:`get_size_with_aspect_ratio`), to a float tensor, ImageNet normalisation.
+
+    Call it as ``(image, target) -> (image, target)``:
+
+    * a PIL image: exactly the official ``make_coco_transforms('val')`` (PIL bilinear resize, ToTensor, Normalize),
+      stage by stage: :attr:`transforms` = [RandomResize([val_size], max_size), ToTensor, Normalize]. The resize
+      stays a one-size RandomResize as officially, because it draws from Python's ``random`` even with one size; a
+      seeded run that evaluates in the main process then leaves the training draws as the official code does.
+    * a float tensor (3, H, W) in [0, 1] (RGB, not normalised): the same output size, resized by torchvision
+      (bilinear, antialiased: close to PIL's filter, not bitwise equal), then Normalize.
+
+    Returns (3, h, w) float32 normalised, and the target resized and normalised as every transform does (None
+    stays None).
+    """
+
+    def __init__(self, val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE, *,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        if val_size < 1 or max_size < 1:
+            raise ValueError(f"val_size and max_size must be positive, got val_size={val_size}, max_size={max_size}")
+        self.val_size = val_size
+        self.max_size = max_size
+        self.resize = RandomResize([val_size], max_size=max_size)
+        self.normalize = Normalize(mean, std)
+        super().__init__([self.resize, ToTensor(), self.normalize])
+
+    def __call__(self, image: ImageLike, target: Target | None = None) -> tuple[Tensor, Target | None]:
+        if isinstance(image, PIL.Image.Image):
+            return super().__call__(image, target)
+        if not isinstance(image, Tensor):
+            raise TypeError(f"EvalTransform: expected a PIL image or a float (3, H, W) tensor, got "
+                            f"{type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"EvalTransform: tensors must be float (3, H, W) RGB in [0, 1], got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        image, target = self.resize(image, target)
+        return self.normalize(image, target)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(val_size={self.val_size}, max_size={self.max_size}, "
+                f"mean={self.normalize.mean}, std={self.normalize.std})")
+
+
 def make_coco_transforms(image_set: str, *, scales: Sequence[int] = OFFICIAL_TRAIN_SCALES,
                          max_size: int = OFFICIAL_MAX_SIZE,
                          crop_resize_sizes: Sequence[int] = OFFICIAL_CROP_RESIZE_SIZES,
@@ -278,7 +327,8 @@ def make_coco_transforms(image_set: str, *, scales: Sequence[int] = OFFICIAL_TRA
     train: flip (p 0.5), then with p 0.5 either resize the short side to one of ``scales`` (long side <=
     ``max_size``), or resize to one of ``crop_resize_sizes`` (no cap), crop a random ``crop_size`` = (min, max)
     region, and resize to one of ``scales``; then ToTensor and Normalize.
-    val: resize the short side to ``val_size`` (long side <= ``max_size``), ToTensor, Normalize.
+    val: :class:`EvalTransform` (resize the short side to ``val_size``, long side <= ``max_size``, ToTensor,
+    Normalize).
     """
     normalize = Compose([ToTensor(), Normalize(mean, std)])
     if image_set == "train":
@@ -295,5 +345,5 @@ def make_coco_transforms(image_set: str, *, scales: Sequence[int] = OFFICIAL_TRA
             normalize,
         ])
     if image_set == "val":
-        return Compose([RandomResize([val_size], max_size=max_size), normalize])
+        return EvalTransform(val_size, max_size, mean=mean, std=std)
     raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")

@@ -4,9 +4,12 @@
 >>> result = detector.predict("street.jpg")            # or a PIL image, an HWC uint8 array, a CHW tensor, a list
 >>> result.boxes, result.scores, result.labels, result.label_names
 
-Images are prepared as the evaluation transform does (short side ``val_size``, long side at most ``max_size``,
-ImageNet normalisation), padded into batches with a mask, run through the detector and the official
-post-processing (top 100 over queries x classes), and the detections scoring at least the threshold are kept.
+Images are prepared by the evaluation transform (:class:`~deformable_detr.data.transforms.EvalTransform`: short side
+``val_size``, long side at most ``max_size``, ImageNet normalisation), padded into batches with a mask, run through
+the detector and the official post-processing (:func:`~deformable_detr.model.postprocess.decode_detections`: top 100
+over queries x classes), and the detections scoring at least the threshold are kept. Image files are read upright
+(their EXIF orientation applied, :func:`~deformable_detr.data.images.load_rgb_image`), so boxes are in the pixels of
+the image as a viewer shows it.
 """
 
 from __future__ import annotations
@@ -21,28 +24,21 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
 from deformable_detr.box_ops import box_cxcywh_to_xyxy
-from deformable_detr.checkpoint import CheckpointError, load_model_state, read_checkpoint
-from deformable_detr.checkpoint_config import config_from_checkpoint, is_our_args
-from deformable_detr.config import ModelConfig
-from deformable_detr.data.coco import load_rgb_image, to_rgb
+from deformable_detr.checkpoint import CheckpointError, load_model_state, read_checkpoint, stored_configs
+from deformable_detr.checkpoint_config import config_from_checkpoint
+from deformable_detr.config import OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE, ModelConfig
 from deformable_detr.data.coco_names import COCO_CATEGORIES, COCO_NUM_CLASSES
 from deformable_detr.data.collate import batch_images
-from deformable_detr.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OFFICIAL_MAX_SIZE,
-    OFFICIAL_VAL_SIZE,
-    make_coco_transforms,
-    resize,
-)
+from deformable_detr.data.images import load_rgb_image, to_rgb
+from deformable_detr.data.transforms import EvalTransform
+from deformable_detr.device import resolve_device
 from deformable_detr.inference.rewrites import optimize_for_inference
 from deformable_detr.inference.sampling_points import SamplingPointRecorder, SamplingPoints, to_image_pixels
 from deformable_detr.model.build import build_from_config
-from deformable_detr.model.postprocess import PostProcess
+from deformable_detr.model.postprocess import PostProcess, decode_detections
 
 ImageInput = str | Path | PIL.Image.Image | np.ndarray | Tensor
 """A file path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) / (1, H, W) float tensor in [0, 1]."""
@@ -130,19 +126,6 @@ def _as_image(image: ImageInput, position: int) -> PIL.Image.Image | Tensor:
                     f"got {type(image).__name__}")
 
 
-def _check_file_format(path: str | Path) -> None:
-    """Refuses a file that is no ``torch.save`` output (a zip archive, or a pickle for files written before PyTorch
-    1.6) before unpickling it, which would misread text as pickle opcodes and report something unrelated."""
-    path = Path(path)
-    if not path.is_file():
-        return  # read_checkpoint says "no such file"
-    with path.open("rb") as file:
-        head = file.read(4)
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise CheckpointError(f"checkpoint {path}: unreadable, not a PyTorch checkpoint file (it starts with "
-                              f"{head!r}; torch.save writes a zip archive, or a pickle before PyTorch 1.6)")
-
-
 class Detector:
     """A Deformable DETR ready for inference: model, post-processing, class names and the eval resize.
 
@@ -163,19 +146,22 @@ class Detector:
         if val_size < 1 or max_size < val_size:
             raise ValueError(f"need 1 <= val_size <= max_size, got val_size={val_size}, max_size={max_size}")
         self.config = config
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         model = model.eval()
         # Folding copies the model; the caller's module stays untouched.
         self.model = optimize_for_inference(model) if optimize else model
         self.optimized = optimize
         self.model.to(self.device, torch.float64 if dtype == torch.float64 else torch.float32)
+        self.num_detections = config.num_detections
+        # The same decode in the evaluation loop's format (a dict per image), for callers comparing with ddetr eval
+        # (benchmarks/e2e.py); run_batch calls decode_detections itself, for the query indices.
         self.postprocess = PostProcess(config.num_detections)
         self.class_names = dict(class_names or {})
         self.val_size = val_size
         self.max_size = max_size
         self.score_threshold = score_threshold
-        self._transform = make_coco_transforms("val", val_size=val_size, max_size=max_size)
+        self.transform = EvalTransform(val_size, max_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -184,45 +170,39 @@ class Detector:
                         trusted: bool = False) -> Detector:
         """A detector from a checkpoint of ``ddetr train`` or of the official code (or a bare state_dict).
 
-        The architecture comes from the checkpoint's ``args`` when ``ddetr train`` wrote it, else from its weights
-        (see :mod:`deformable_detr.checkpoint_config`; ``variant="single_scale_dc5"`` for a DC5 checkpoint without
-        args). Class names: the checkpoint's ``categories``, else COCO's for 91 classes. The eval resize:
-        ``val_size`` / ``max_size`` if given, else the checkpoint's ``--val_size`` / ``--max_size``, else 800 / 1333.
+        The architecture comes from the checkpoint's stored settings when ``ddetr train`` wrote it, else from its
+        weights (see :mod:`deformable_detr.checkpoint_config`; ``variant="single_scale_dc5"`` for a DC5 checkpoint
+        without settings). Class names: the checkpoint's ``categories``, else COCO's for 91 classes. The eval
+        resize: ``val_size`` / ``max_size`` if given, else the checkpoint's, else the official 800 / 1333.
+        ``msda_backend``: the attention kernels to run here (``auto``: what this device runs fastest).
         ``optimize`` folds the frozen batch norms (:mod:`deformable_detr.inference.rewrites`).
         """
-        _check_file_format(path)
-        try:
-            checkpoint = read_checkpoint(path, map_location="cpu", trusted=trusted)
-        except CheckpointError:
-            raise
-        except Exception as error:  # torch.load's unpickler raises assorted errors on bytes that are no checkpoint
-            raise CheckpointError(f"checkpoint {path}: unreadable, not a PyTorch checkpoint file "
-                                  f"({type(error).__name__}: {error})") from error
+        checkpoint = read_checkpoint(path, map_location="cpu", trusted=trusted)
         config = config_from_checkpoint(checkpoint, str(path), variant=variant, msda_backend=msda_backend)
         model, _, _ = build_from_config(config)
         try:
             load_model_state(model, checkpoint["model"])
-        except ValueError as error:
-            raise type(error)(f"{path}: {error}") from error
-        args = checkpoint.get("args")
-        ours = is_our_args(args)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from error
+        stored = stored_configs(checkpoint, str(path))
         return cls(model, config, class_names_of(checkpoint, config.num_classes),
-                   val_size=val_size or (args.val_size if ours else OFFICIAL_VAL_SIZE),
-                   max_size=max_size or (args.max_size if ours else OFFICIAL_MAX_SIZE),
+                   val_size=val_size or (stored.data.val_size if stored else OFFICIAL_VAL_SIZE),
+                   max_size=max_size or (stored.data.max_size if stored else OFFICIAL_MAX_SIZE),
                    device=device, dtype=dtype, score_threshold=score_threshold, optimize=optimize)
 
     def label_name(self, label: int) -> str:
         return self.class_names.get(int(label), str(int(label)))
 
     def prepare(self, image: ImageInput, position: int = 0) -> PreparedImage:
-        """Loads / converts one image and applies the eval transform (PIL images exactly as ``ddetr eval``)."""
+        """Loads / converts one image and applies the eval transform (PIL images exactly as ``ddetr eval``, tensors
+        resized by torchvision, see :class:`EvalTransform`)."""
         image = _as_image(image, position)
         if isinstance(image, PIL.Image.Image):
-            tensor, _ = self._transform(image, None)
-            return PreparedImage(tensor, (image.height, image.width))
-        original = (int(image.shape[1]), int(image.shape[2]))
-        resized, _ = resize(image, None, self.val_size, self.max_size)
-        return PreparedImage(TF.normalize(resized, IMAGENET_MEAN, IMAGENET_STD), original)
+            original = (image.height, image.width)
+        else:
+            original = (int(image.shape[1]), int(image.shape[2]))
+        tensor, _ = self.transform(image, None)
+        return PreparedImage(tensor, original)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype in _HALF_DTYPES:
@@ -251,16 +231,13 @@ class Detector:
             raise
         logits, boxes = outputs.pred_logits.float(), outputs.pred_boxes.float()
         sizes = torch.tensor([p.original_size for p in prepared], device=self.device)
-        detections = self.postprocess({"pred_logits": logits, "pred_boxes": boxes}, sizes)
-        # The same top-k as PostProcess, for the query behind each detection.
-        num_classes = logits.shape[-1]
-        k = detections[0]["scores"].shape[0]
-        query_indices = torch.topk(logits.sigmoid().flatten(1), k, dim=1).indices // num_classes
+        # (B, k) each, boxes (B, k, 4)
+        scores, labels, detection_boxes, query_indices = decode_detections(logits, boxes, sizes, self.num_detections)
         record = recorder.pop() if sampling_points else None
         results = []
-        for index, (found, queries, item) in enumerate(zip(detections, query_indices, prepared)):
-            keep = found["scores"] >= threshold
-            labels = found["labels"][keep].cpu()
+        for index, item in enumerate(prepared):
+            keep = scores[index] >= threshold
+            kept_labels = labels[index][keep].cpu()
             points = None
             if record is not None:
                 height, width = item.original_size
@@ -268,9 +245,9 @@ class Detector:
                 query_boxes = box_cxcywh_to_xyxy(boxes[index]).cpu() * scale
                 points = to_image_pixels(record, index, tuple(images.shape[-2:]), tuple(item.image.shape[-2:]),
                                          item.original_size, query_boxes, logits[index].sigmoid().cpu())
-            results.append(Detections(found["boxes"][keep].cpu(), found["scores"][keep].cpu(), labels,
-                                      [self.label_name(label) for label in labels.tolist()], queries[keep].cpu(),
-                                      item.original_size, points))
+            results.append(Detections(detection_boxes[index][keep].cpu(), scores[index][keep].cpu(), kept_labels,
+                                      [self.label_name(label) for label in kept_labels.tolist()],
+                                      query_indices[index][keep].cpu(), item.original_size, points))
         return results
 
     def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float | None = None,

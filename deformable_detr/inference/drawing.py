@@ -15,15 +15,29 @@ def label_colour(label: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def enlarge_for_drawing(image: Image.Image, min_side: int = 512) -> tuple[Image.Image, int]:
+    """An RGB copy of ``image`` enlarged by an integer factor ``zoom`` (nearest neighbour, so pixels stay sharp
+    squares) chosen so that the longer side reaches about ``min_side``; ``zoom`` is 1 for an image already that large
+    (or ``min_side`` <= 0). Captions and dots drawn on the result stay readable on a small image. Returns the copy and
+    ``zoom``: pixel coordinates of ``image`` times ``zoom`` are those of the copy."""
+    zoom = max(1, min_side // max(image.size))
+    canvas = image.convert("RGB")  # a copy, also of an RGB image
+    if zoom == 1:
+        return canvas, 1
+    return canvas.resize((image.width * zoom, image.height * zoom), Image.NEAREST), zoom
+
+
 def draw_detections(image: Image.Image, boxes: Sequence[Sequence[float]], scores: Sequence[float],
                     labels: Sequence[int], names: dict[int, str] | None = None, score_threshold: float = 0.0,
-                    line_width: int | None = None) -> Image.Image:
+                    line_width: int | None = None, min_side: int = 512) -> Image.Image:
     """A copy of ``image`` with every detection scoring at least ``score_threshold`` drawn on it.
 
-    boxes: xyxy pixels. Each box gets a dark outline under its coloured one, and its caption ("name 0.87") sits on
-    a filled tag of the box's colour with black or white text, whichever contrasts more.
+    boxes: xyxy pixels of ``image``. An image whose longer side is under ``min_side`` is enlarged first
+    (:func:`enlarge_for_drawing`, boxes scaled with it; ``min_side=0`` draws at the image's own size), so that
+    captions do not cover a small image. Each box gets a dark outline under its coloured one, and its caption
+    ("name 0.87") sits on a filled tag of the box's colour with black or white text, whichever contrasts more.
     """
-    canvas = image.convert("RGB").copy()
+    canvas, zoom = enlarge_for_drawing(image, min_side)
     draw = ImageDraw.Draw(canvas)
     width = line_width or max(2, round(max(canvas.size) / 300))
     font = ImageFont.load_default(size=max(10, round(max(canvas.size) / 50)))
@@ -32,7 +46,7 @@ def draw_detections(image: Image.Image, boxes: Sequence[Sequence[float]], scores
     for i in order:
         if scores[i] < score_threshold:
             continue
-        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        x0, y0, x1, y1 = (float(v) * zoom for v in boxes[i])
         colour = label_colour(int(labels[i]))
         draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0), width=width + 2)
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from deformable_detr.box_ops import box_cxcywh_to_xyxy
 from deformable_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from deformable_detr.model.ms_deform_attn import MSDeformAttn
+from deformable_detr.model.postprocess import decode_detections
 
 EXPORTERS = ("dynamo", "torchscript")
 MIN_OPSET = 16  # GridSample
@@ -52,18 +52,12 @@ class ExportableDetector(nn.Module):
         self.num_detections = num_detections
 
     def forward(self, images: Tensor, mask: Tensor, original_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """images (B, 3, H, W), mask (B, H, W), original_sizes (B, 2) -> scores (B, K), labels (B, K), boxes
+        (B, K, 4): :func:`deformable_detr.model.postprocess.decode_detections` of the model's outputs."""
         outputs = self.model(images, mask)
-        logits, boxes = outputs.pred_logits, outputs.pred_boxes
-        num_classes = logits.shape[-1]
-        k = min(self.num_detections, logits.shape[1] * logits.shape[2])
-        # Top-k over queries x classes, as PostProcess.
-        scores, flat_indices = torch.topk(logits.sigmoid().flatten(1), k, dim=1)
-        query_indices = torch.div(flat_indices, num_classes, rounding_mode="floor")
-        labels = flat_indices - query_indices * num_classes
-        boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query_indices.unsqueeze(-1).expand(-1, -1, 4))
-        height, width = original_sizes.unbind(1)
-        scale = torch.stack([width, height, width, height], dim=1).to(boxes.dtype)
-        return scores, labels, boxes * scale[:, None, :]
+        scores, labels, boxes, _ = decode_detections(outputs.pred_logits, outputs.pred_boxes, original_sizes,
+                                                     self.num_detections)
+        return scores, labels, boxes
 
 
 def with_reference_attention(model: nn.Module) -> nn.Module:

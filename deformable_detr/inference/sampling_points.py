@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import matplotlib
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from deformable_detr.inference.drawing import label_colour
+from deformable_detr.inference.drawing import enlarge_for_drawing, label_colour
 from deformable_detr.model.ms_deform_attn import MSDeformAttn
 
 
@@ -111,12 +110,14 @@ def draw_sampling_points(image: Image.Image, points: SamplingPoints, query: int,
     """A copy of ``image`` with ``query``'s predicted box, its reference point (white cross) and its
     num_heads x num_levels x num_points sampling points, each a dot coloured by its attention weight (colour bar at
     the bottom, from 0 to the largest weight). Images whose longer side is under ``min_side`` are enlarged by an
-    integer factor first, so that the dots stay apart."""
+    integer factor first (:func:`enlarge_for_drawing`), so that the dots stay apart."""
+    # Only this picture needs matplotlib (its colour maps): predicting without pictures does not import it.
+    import matplotlib
+
     num_queries = points.locations.shape[0]
     if not 0 <= query < num_queries:
         raise ValueError(f"query must be in [0, {num_queries}), got {query}")
-    zoom = max(1, min_side // max(image.size))
-    canvas = image.convert("RGB").resize((image.width * zoom, image.height * zoom), Image.NEAREST)
+    canvas, zoom = enlarge_for_drawing(image, min_side)
     draw = ImageDraw.Draw(canvas)
     size = max(canvas.size)
     font = ImageFont.load_default(size=max(10, round(size / 50)))

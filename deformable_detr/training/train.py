@@ -43,6 +43,7 @@ from deformable_detr.config import (
     merge_model,
 )
 from deformable_detr.data import CocoDetection, build_coco_dataset, collate_fn, make_coco_transforms
+from deformable_detr.device import resolve_device
 from deformable_detr.model.build import build_from_config
 from deformable_detr.training.distributed import DistributedInfo, init_distributed
 from deformable_detr.training.engine import evaluate, train_one_epoch
@@ -50,13 +51,6 @@ from deformable_detr.training.evaluation import format_stats
 from deformable_detr.training.optimizer import build_optimizer
 
 COCO_NUM_CLASSES = 91  # the official COCO label space: category ids 1..90 with gaps, used as labels
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: cuda when available, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_pretrained_backbone(model: torch.nn.Module, source: str) -> None:
@@ -111,10 +105,10 @@ class _Run:
 
 
 def _start_run(train_cfg: TrainConfig) -> _Run:
-    device_name = resolve_device(train_cfg.device)
-    info = init_distributed(train_cfg.dist_url, device_name)
-    device = torch.device(f"cuda:{info.local_rank}" if device_name.startswith("cuda") and info.enabled
-                          else device_name)
+    device = resolve_device(train_cfg.device)
+    info = init_distributed(train_cfg.dist_url, device.type)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device(f"cuda:{info.local_rank}")
     output_dir = Path(train_cfg.output_dir) if train_cfg.output_dir else None
     if output_dir and info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +306,8 @@ def evaluate_checkpoint(path: str | Path, data_cfg: DataConfig | None = None, tr
     train_cfg = train_cfg or TrainConfig()
     checkpoint = read_checkpoint(path)
     stored = config_from_checkpoint(checkpoint, str(path), variant=variant)
-    model_cfg = dataclasses.replace(stored, **(model_overrides or {}))
+    # The attention kernels are a choice of where the model runs, not part of it: auto, unless given.
+    model_cfg = dataclasses.replace(stored, **{"msda_backend": "auto", **(model_overrides or {})})
     check_architecture(model_cfg, stored, f"checkpoint {path}")
     if data_cfg is None:
         runs = stored_configs(checkpoint, str(path))
