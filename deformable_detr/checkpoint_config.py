@@ -61,11 +61,14 @@ def _check_variant(variant: str, found: dict[str, Any], what: str) -> None:
                               + ", ".join(f"{k}: variant {a}, {what} {b}" for k, (a, b) in clashes.items()))
 
 
-def _from_weights(state_dict: dict[str, torch.Tensor], args: argparse.Namespace | None,
-                  variant: str | None) -> ModelConfig:
-    """Reads the architecture off the weights; what they cannot tell comes from ``args``, then ``variant``."""
+def _from_weights(state_dict: dict[str, torch.Tensor], args: argparse.Namespace | None, variant: str | None,
+                  hints: dict[str, Any]) -> ModelConfig:
+    """Reads the architecture off the weights; what they cannot tell comes from ``hints``, then ``args``, then
+    ``variant``, then the official defaults."""
 
     def flag(name: str, default: Any) -> Any:
+        if name in hints:
+            return hints[name]
         return getattr(args, name, default) if args is not None else default
 
     two_stage = TWO_STAGE_KEY in state_dict
@@ -114,8 +117,13 @@ def _from_weights(state_dict: dict[str, torch.Tensor], args: argparse.Namespace 
     return model_config("deformable_detr", **options)
 
 
+# Settings of the model that its weights do not show: for a checkpoint without stored settings, they come from the
+# settings given by the user (hints), else from the official Namespace, else the official defaults.
+WEIGHTS_CANNOT_TELL = ("dilation", "nheads", "position_embedding_scale", "num_queries")
+
+
 def config_from_checkpoint(checkpoint: dict[str, Any], source: str, variant: str | None = None,
-                           msda_backend: str | None = None) -> ModelConfig:
+                           msda_backend: str | None = None, hints: dict[str, Any] | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of the model in ``checkpoint`` (a dict from ``read_checkpoint``).
 
     Args:
@@ -125,6 +133,8 @@ def config_from_checkpoint(checkpoint: dict[str, Any], source: str, variant: str
             (``single_scale_dc5``), when the checkpoint has no settings; it must agree with the checkpoint.
         msda_backend: the deformable attention backend to build the model with (not necessarily the one it was
             trained with); None keeps the checkpoint's.
+        hints: settings given by the user; for a checkpoint without stored settings, those of
+            :data:`WEIGHTS_CANNOT_TELL` are taken from here (``dilation=True`` for an official DC5 checkpoint).
     """
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
@@ -139,7 +149,8 @@ def config_from_checkpoint(checkpoint: dict[str, Any], source: str, variant: str
                                          "with_box_refine", "two_stage", "dilation")}, "settings")
         else:
             args = checkpoint.get("args")
-            config = _from_weights(state_dict, args if isinstance(args, argparse.Namespace) else None, variant)
+            told = {name: value for name, value in (hints or {}).items() if name in WEIGHTS_CANNOT_TELL}
+            config = _from_weights(state_dict, args if isinstance(args, argparse.Namespace) else None, variant, told)
     except (ValueError, KeyError) as error:
         if isinstance(error, CheckpointError):
             raise CheckpointError(f"{source}: {error}") from error

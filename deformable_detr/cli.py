@@ -297,8 +297,10 @@ def build_parser() -> _Parser:
     evaluation.add_argument("--variant", choices=list(VARIANTS), default=None,
                             help="official variant, for checkpoints without settings (single_scale_dc5 cannot be "
                             "told from the weights)")
+    titles = {"data": "data", "train": "run (OUTPUT_DIR receives eval.json)",
+              "model": "model settings its weights do not depend on"}
     for kind, names in _EVAL_FIELDS.items():
-        _add_config_flags(evaluation.add_argument_group(kind), CONFIG_CLASSES[kind], names)
+        _add_config_flags(evaluation.add_argument_group(titles[kind]), CONFIG_CLASSES[kind], names)
 
     predict = command("predict", _predict, "detect objects in images: COCO-results JSON and annotated pictures",
                       "Runs CHECKPOINT (ours or official) on image files, folders and glob patterns; writes "

@@ -4,6 +4,7 @@ as a user runs it, the sampling-point picture, ONNX export against onnxruntime, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -120,6 +121,9 @@ def test_our_checkpoint_predicts_what_model_and_postprocess_give(ours):
 
     exact = Detector.from_checkpoint(path, score_threshold=threshold, optimize=False)
     assert exact.config == config
+    with pytest.raises(CheckpointError, match="variant 'two_stage' does not fit the checkpoint's settings: "
+                                              "two_stage: variant True, settings False"):
+        Detector.from_checkpoint(path, variant="two_stage")
     assert (exact.val_size, exact.max_size) == (64, 96)
     detections = exact.predict(image)
     _assert_same(detections, expected, threshold, exact=True)
@@ -185,6 +189,21 @@ def test_the_variant_is_read_off_the_weights(variant):
     wrong = "two_stage" if variant in ("single_scale", "single_scale_dc5") else "single_scale"
     with pytest.raises(CheckpointError, match="does not fit the checkpoint's weights"):
         config_from_checkpoint(checkpoint, "test", variant=wrong)
+
+
+def test_settings_given_fill_in_what_the_weights_cannot_tell():
+    """An official DC5 checkpoint without args: ``--dilation`` (the DC5 config script's flag) is taken as given,
+    while a setting the weights do show is read off them whatever the hint."""
+    model, _, _ = build_model("single_scale_dc5", num_classes=7, hidden_dim=64, enc_layers=1, dec_layers=1,
+                              dim_feedforward=96, num_queries=9)
+    checkpoint = {"model": model.state_dict()}
+    assert not config_from_checkpoint(checkpoint, "test").dilation
+    config = config_from_checkpoint(checkpoint, "test", hints={"dilation": True, "enc_layers": 6})
+    assert config.dilation and config.enc_layers == 1
+    # A checkpoint with stored settings ignores hints: its settings are the truth.
+    stored = make_checkpoint(model.state_dict(), RunConfigs(dataclasses.replace(config, dilation=False),
+                                                            TrainConfig(), DataConfig()), {})
+    assert not config_from_checkpoint(stored, "test", hints={"dilation": True}).dilation
 
 
 def test_every_input_type(ours, tmp_path):

@@ -66,8 +66,12 @@ def test_train_writes_what_the_other_commands_read(journey):
 
 
 def test_eval_needs_no_model_or_data_flags_and_gives_the_training_numbers(journey):
-    result = ddetr("eval", "run/checkpoint.pth", "--output_dir", "eval", "--no_progress", cwd=journey)
-    stats = json.loads((journey / "eval" / "eval.json").read_text())
+    # From another folder: the checkpoint stores the data's absolute paths.
+    elsewhere = journey / "elsewhere"
+    elsewhere.mkdir()
+    result = ddetr("eval", str(journey / "run" / "checkpoint.pth"), "--output_dir", "eval", "--no_progress",
+                   cwd=elsewhere)
+    stats = json.loads((elsewhere / "eval" / "eval.json").read_text())
     assert stats["test_coco_eval_bbox"] == _log(journey / "run")[-1]["test_coco_eval_bbox"]
     assert "Average Precision" in result.stdout
 

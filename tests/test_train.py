@@ -94,6 +94,14 @@ def test_evaluating_a_checkpoint_gives_the_training_log_numbers(synthetic, tmp_p
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == stats
     with pytest.raises(ConfigError, match=r"enc_layers 3 here, 1 in the checkpoint"):
         evaluate_checkpoint(tmp_path / "checkpoint.pth", model_overrides={"enc_layers": 3})
+    # Data with a category the model has no logit for: the message names both and the fix.
+    ground_truth = json.loads(synthetic.val_json.read_text())
+    ground_truth["categories"].append({"id": 9, "name": "new"})
+    ground_truth["annotations"][0]["category_id"] = 9
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(ground_truth))
+    with pytest.raises(ConfigError, match=r"category id 9, but the model in .* has 6 classes.*--drop_class_heads"):
+        evaluate_checkpoint(tmp_path / "checkpoint.pth", dataclasses.replace(_data(synthetic), val_json=str(other)))
 
 
 def test_finetune_rebuilds_the_model_from_the_checkpoint_with_new_class_heads(synthetic, tmp_path):

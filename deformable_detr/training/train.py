@@ -32,6 +32,7 @@ from deformable_detr.checkpoint import (
 )
 from deformable_detr.checkpoint_config import config_from_checkpoint
 from deformable_detr.config import (
+    DATA_SOURCE_FIELDS,
     VARIANTS,
     ConfigError,
     DataConfig,
@@ -66,8 +67,8 @@ def load_pretrained_backbone(model: torch.nn.Module, source: str) -> None:
         try:
             state = weights.get_state_dict(progress=False)
         except Exception as error:  # network errors come in many types
-            raise RuntimeError(f"could not download the ImageNet {name} weights ({error}); pass "
-                               "--pretrained_backbone FILE (a torchvision ResNet state_dict) or 'none'") from error
+            raise OSError(f"could not download the ImageNet {name} weights ({error}); pass "
+                          "--pretrained_backbone FILE (a torchvision ResNet state_dict) or 'none'") from error
     else:
         path = Path(source)
         if not path.is_file():
@@ -148,10 +149,13 @@ def resolve_num_classes(model_cfg: ModelConfig, data_cfg: DataConfig, datasets: 
     return model_cfg.num_classes
 
 
-def _checkpoint_model(path: str, flag: str) -> tuple[dict[str, Any], ModelConfig, RunConfigs | None]:
-    """The checkpoint behind ``--resume``/``--finetune``, the model it holds, and its stored configs."""
+def _checkpoint_model(path: str, flag: str, hints: dict[str, Any]
+                      ) -> tuple[dict[str, Any], ModelConfig, RunConfigs | None]:
+    """The checkpoint behind ``--resume``/``--finetune``, the model it holds, and its stored configs. ``hints``:
+    the model settings given, for what the weights of a checkpoint without settings cannot tell (DC5)."""
     checkpoint = read_checkpoint(path)
-    return checkpoint, config_from_checkpoint(checkpoint, f"--{flag} {path}"), stored_configs(checkpoint, path)
+    model = config_from_checkpoint(checkpoint, f"--{flag} {path}", hints=hints)
+    return checkpoint, model, stored_configs(checkpoint, path)
 
 
 def _val_loader(val_set: CocoDetection, batch_size: int, data_cfg: DataConfig, run: _Run) -> DataLoader:
@@ -175,12 +179,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
     line of ``log.txt`` to ``train_cfg.output_dir``.
     """
     _check_data_given(data_cfg, training=True)
+    # Stored as absolute paths, so that the checkpoint's run can be resumed and evaluated from any folder.
+    data_cfg = dataclasses.replace(data_cfg, **{name: str(Path(getattr(data_cfg, name)).resolve())
+                                                for name in DATA_SOURCE_FIELDS if getattr(data_cfg, name)})
+    if train_cfg.output_dir:
+        train_cfg = dataclasses.replace(train_cfg, output_dir=str(Path(train_cfg.output_dir).resolve()))
     resumed = finetuned = None
     if train_cfg.resume:
-        resumed = _checkpoint_model(train_cfg.resume, "resume")
+        resumed = _checkpoint_model(train_cfg.resume, "resume", dataclasses.asdict(model_cfg))
         check_architecture(model_cfg, resumed[1], f"--resume {train_cfg.resume}")
     if train_cfg.finetune:
-        finetuned = _checkpoint_model(train_cfg.finetune, "finetune")
+        finetuned = _checkpoint_model(train_cfg.finetune, "finetune", dataclasses.asdict(model_cfg))
         check_architecture(model_cfg, finetuned[1], f"--finetune {train_cfg.finetune}",
                            allow_num_classes=train_cfg.drop_class_heads)
 
@@ -305,7 +314,7 @@ def evaluate_checkpoint(path: str | Path, data_cfg: DataConfig | None = None, tr
     """
     train_cfg = train_cfg or TrainConfig()
     checkpoint = read_checkpoint(path)
-    stored = config_from_checkpoint(checkpoint, str(path), variant=variant)
+    stored = config_from_checkpoint(checkpoint, str(path), variant=variant, hints=model_overrides)
     # The attention kernels are a choice of where the model runs, not part of it: auto, unless given.
     model_cfg = dataclasses.replace(stored, **{"msda_backend": "auto", **(model_overrides or {})})
     check_architecture(model_cfg, stored, f"checkpoint {path}")
@@ -355,7 +364,7 @@ def run_configs_from_settings(settings: dict[str, dict[str, Any]], variant: str 
     if not source:
         return RunConfigs(ModelConfig(**model_settings), TrainConfig(**train_settings), DataConfig(**data_settings))
     flag = "resume" if train_settings.get("resume") else "finetune"
-    checkpoint, stored_model, stored = _checkpoint_model(source, flag)
+    checkpoint, stored_model, stored = _checkpoint_model(source, flag, model_settings)
     if flag == "finetune":
         drop = train_settings.get("drop_class_heads", False)
         if drop:
