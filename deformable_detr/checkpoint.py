@@ -55,8 +55,7 @@ def _legacy_cli_handler(*args: Any, **kwargs: Any) -> None:
 
 # What weights-only loading may build besides tensors and plain data: the official checkpoints' Namespace, and the
 # handler reference of format 1 (resolved to the stub above, whatever the module holds today).
-_SAFE_GLOBALS = [argparse.Namespace, (_legacy_cli_handler, "deformable_detr.cli._train"),
-                 (_legacy_cli_handler, "deformable_detr.cli._eval")]
+_SAFE_GLOBALS = [argparse.Namespace, (_legacy_cli_handler, "deformable_detr.cli._train")]
 
 
 def _check_file_format(path: Path) -> None:

@@ -398,8 +398,8 @@ def _subparser(parser: _Parser, args: argparse.Namespace) -> _Parser:
 
 
 def _is_user_error(error: BaseException) -> bool:
-    """Errors that bad input causes (and that name it), as opposed to bugs."""
-    if isinstance(error, (ValueError, OSError, FloatingPointError, MemoryError)):
+    """Errors that bad input causes (and that name it), as opposed to bugs; a missing optional package is one."""
+    if isinstance(error, (ValueError, OSError, FloatingPointError, MemoryError, ImportError)):
         return True
     if "torch" in sys.modules:
         from deformable_detr.ops import BackendUnavailableError

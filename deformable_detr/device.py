@@ -6,7 +6,14 @@ import torch
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto``: cuda when available, else cpu; any other name or device as given."""
+    """``auto``: cuda when available, else cpu; any other name or device as given. A CUDA device on a machine
+    without one is a ``ValueError`` that says so, rather than torch's error at the first tensor moved there."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is no torch device ({error}); use auto, cpu, cuda or cuda:N") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine (use --device cpu, or auto)")
+    return resolved

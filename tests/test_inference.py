@@ -433,3 +433,15 @@ def test_folding_keeps_the_official_reference_outputs(reference_path):
         expected = torch.from_numpy(reference[f"out.{key}"])
         error = (outputs[key] - expected).abs().max() / expected.abs().max()
         assert error <= 2e-5, (key, float(error))
+
+
+def test_a_missing_optional_package_and_an_absent_gpu_are_one_line_errors(ours, tmp_path, monkeypatch, capsys):
+    from deformable_detr.cli import main
+
+    _, _, path = ours
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the export extra were not installed
+    assert main(["export", "onnx", str(path), str(tmp_path / "m.onnx"), "--size", "64", "64"]) == 2
+    assert "pip install 'deformable-detr[export]'" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["predict", str(path), str(tmp_path), "--out", str(tmp_path / "p"), "--device", "cuda"]) == 2
+    assert "device 'cuda': CUDA is not available on this machine" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from deformable_detr.device import resolve_device
 from deformable_detr.inference.rewrites import optimize_for_inference
 from deformable_detr.inference.sampling_points import SamplingPointRecorder, SamplingPoints, to_image_pixels
 from deformable_detr.model.build import build_from_config
-from deformable_detr.model.postprocess import PostProcess, decode_detections
+from deformable_detr.model.postprocess import decode_detections
 
 ImageInput = str | Path | PIL.Image.Image | np.ndarray | Tensor
 """A file path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) / (1, H, W) float tensor in [0, 1]."""
@@ -156,7 +156,6 @@ class Detector:
         self.num_detections = config.num_detections
         # The same decode in the evaluation loop's format (a dict per image), for callers comparing with ddetr eval
         # (benchmarks/e2e.py); run_batch calls decode_detections itself, for the query indices.
-        self.postprocess = PostProcess(config.num_detections)
         self.class_names = dict(class_names or {})
         self.val_size = val_size
         self.max_size = max_size

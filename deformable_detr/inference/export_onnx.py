@@ -115,7 +115,7 @@ def check_onnx(path: str | Path, module: nn.Module, inputs: list[tuple[Tensor, T
     try:
         import onnxruntime
     except ImportError as error:
-        raise RuntimeError("checking the export needs onnxruntime: pip install 'deformable-detr[export]'") from error
+        raise ImportError("checking the export needs onnxruntime: pip install 'deformable-detr[export]'") from error
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -151,7 +151,7 @@ def export_onnx(model: nn.Module, path: str | Path, height: int = 800, width: in
     try:
         import onnx
     except ImportError as error:
-        raise RuntimeError("ONNX export needs onnx (and onnxscript for the dynamo exporter): "
+        raise ImportError("ONNX export needs onnx (and onnxscript for the dynamo exporter): "
                            "pip install 'deformable-detr[export]'") from error
     module = ExportableDetector(with_reference_attention(copy.deepcopy(model)).eval(), num_detections).eval()
     for parameter in module.parameters():

@@ -153,8 +153,6 @@ def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, *, s
                 sampling_points_query: int | None = None, show_sampling_points: bool = False,
                 coco_json: str | Path | None = None, progress: bool = True) -> PredictSummary:
     """Runs the checkpoint on every input (see the module docstring and :func:`predict_files`)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"--amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
     detector = Detector.from_checkpoint(checkpoint, device=device, dtype=AMP_DTYPES.get(amp, torch.float32),
