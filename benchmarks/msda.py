@@ -20,6 +20,7 @@ device reports (2 * memory clock * bus width).
     python benchmarks/msda.py                                   # everything: slow with the reference on CPU
     python benchmarks/msda.py --shapes encoder --batch 1 --repeats 3
     python benchmarks/msda.py --shapes decoder --no-memory --json
+    python benchmarks/msda.py --device cuda --backends triton   # on a GPU: Triton against the reference
 """
 
 from __future__ import annotations
@@ -191,6 +192,10 @@ def bandwidth_floor_seconds(inputs: dict) -> tuple[int, float]:
 def benchmark(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.device != "all":
+        devices = [d for d in devices if d.type == args.device]
+        if not devices:
+            raise SystemExit(f"--device {args.device}: not available here (CUDA: {torch.cuda.is_available()})")
     records = []
     for device in devices:
         backends = [b for b in available_backends(device) if not args.backends or b in args.backends]
@@ -282,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", nargs="+", help="restrict to these backends (the reference always runs)")
+    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="which devices to time")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")

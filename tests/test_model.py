@@ -79,3 +79,31 @@ def test_postprocess_rejects_bad_target_sizes():
     outputs = model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="target_sizes must have shape"):
         post["bbox"](outputs, torch.tensor([64, 64]))
+
+
+def test_position_encoding_is_the_official_formula_with_frequencies_fixed_at_construction():
+    """The frequencies are computed once on the CPU (so that every device encodes the padded pixels alike; computed on
+    CUDA they differed by an ulp, seen on an H200) and are not part of the state_dict; the encoding is bitwise the
+    official formula's, padded pixels included."""
+    import math
+
+    from deformable_detr.model.position_encoding import PositionEmbeddingSine
+
+    module = PositionEmbeddingSine(16)
+    assert list(module.state_dict()) == []
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[0, :, 4:] = True
+    mask[1, 3:, :] = True
+
+    # The official models/position_encoding.py, written out: cumulative counts, half-pixel shift, eps, 2 pi.
+    not_mask = ~mask
+    y = not_mask.cumsum(1, dtype=torch.float32)
+    x = not_mask.cumsum(2, dtype=torch.float32)
+    y = (y - 0.5) / (y[:, -1:, :] + 1e-6) * (2 * math.pi)
+    x = (x - 0.5) / (x[:, :, -1:] + 1e-6) * (2 * math.pi)
+    dim_t = 10000.0 ** (2 * (torch.arange(16, dtype=torch.float32) // 2) / 16)
+    px, py = x[..., None] / dim_t, y[..., None] / dim_t
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
+    expected = torch.cat((py, px), dim=3).permute(0, 3, 1, 2)
+    assert torch.equal(module(mask), expected)

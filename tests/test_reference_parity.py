@@ -57,3 +57,33 @@ def test_gradient_tolerance_follows_what_feeds_a_sampling_location():
     assert bounds("transformer.decoder.layers.5.cross_attn.attention_weights.weight") == [GRAD_HEAD_REL_MAX]
     assert bounds("transformer.decoder.layers.5.cross_attn.value_proj.weight") == [GRAD_HEAD_REL_MAX]
     assert bounds("class_embed.0.weight") == [GRAD_HEAD_REL_MAX]
+
+
+def test_verify_turns_tensorfloat32_off_while_it_runs(reference_path, monkeypatch):
+    """On a GPU, cuDNN's default TF32 moves the backbone by ~2e-4 (seen on an H200), ten times the tolerances: verify
+    runs with it off and puts the user's settings back afterwards."""
+    import torch
+
+    from deformable_detr.verify import run
+
+    seen = []
+    real = run.run_msda_case
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                     torch.get_float32_matmul_precision()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "run_msda_case", spy)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        checks, _ = verify_reference(load_reference(reference_path / "msda_core.npz"), backend="reference")
+        assert seen == [(False, False, "highest")]
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                torch.get_float32_matmul_precision()) == (True, True, "high")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])

@@ -25,6 +25,12 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        # Computed once on the CPU and moved with the module: CUDA's pow differs from the CPU's by an ulp, and the
+        # padded pixels' coordinates (-0.5 / 1e-6 * scale, about -3e6) turn that ulp into sines that differ by 1e-2.
+        # Those pixels never reach the outputs (masked in the attention), but their encoder features did differ
+        # between devices (seen on an H200 against the CPU-made reference files). Not saved in the state_dict.
+        exponents = 2 * (torch.arange(num_pos_feats, dtype=torch.float32) // 2) / num_pos_feats
+        self.register_buffer("dim_t", temperature**exponents, persistent=False)
 
     def forward(self, mask: Tensor) -> Tensor:
         """mask: (batch, H, W) bool, True on padding -> (batch, 2 * num_pos_feats, H, W) float32, (y, x) halves."""
@@ -35,8 +41,7 @@ class PositionEmbeddingSine(nn.Module):
             eps = 1e-6
             y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
+        dim_t = self.dim_t.float()
         # (batch, H, W, num_pos_feats), sin on even features and cos on odd ones, interleaved
         pos_x = x_embed[:, :, :, None] / dim_t
         pos_y = y_embed[:, :, :, None] / dim_t

@@ -135,7 +135,7 @@ def ms_deform_attn(
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown MSDA backend {backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
     device_type = value.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         value, sampling_locations, attention_weights = (
             tensor.float() if tensor.dtype in _HALF_DTYPES else tensor
             for tensor in (value, sampling_locations, attention_weights)
@@ -215,6 +215,13 @@ def _import_problem(module: str) -> str | None:
         else:
             _IMPORT_PROBLEMS[module] = None
     return _IMPORT_PROBLEMS[module]
+
+
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, constant for a device type. torch.compile of torch 2.11 cannot trace it
+    (seen on an H200: a graph break, an error under ``fullgraph=True``); 2.14 can."""
+    return torch.amp.is_autocast_available(device_type)
 
 
 def _pairs(flat_shapes: list[int]) -> list[tuple[int, int]]:
