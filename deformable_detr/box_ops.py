@@ -35,15 +35,21 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     return intersection / union, union
 
 
+def _check_xyxy(boxes: Tensor, name: str) -> None:
+    if not (boxes[:, 2:] >= boxes[:, :2]).all():  # also False for nan
+        if not torch.isfinite(boxes).all():
+            raise FloatingPointError(f"generalized_box_iou: {name} has non-finite coordinates (nan or inf)")
+        raise ValueError(f"generalized_box_iou: {name} has a box with x1 < x0 or y1 < y0 (expected xyxy boxes)")
+
+
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise generalised IoU of (N, 4) and (M, 4) xyxy boxes, (N, M), in [-1, 1].
 
-    Degenerate boxes (x1 < x0 or y1 < y0) give meaningless values (inf/nan), so they are rejected.
+    Degenerate boxes (x1 < x0 or y1 < y0) give meaningless values (inf/nan), so they are rejected: ValueError, or
+    FloatingPointError when the coordinates are nan/inf (a diverged model's predictions, not badly formed boxes).
     """
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
-        raise ValueError("generalized_box_iou: boxes1 has a box with x1 < x0 or y1 < y0 (expected xyxy boxes)")
-    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
-        raise ValueError("generalized_box_iou: boxes2 has a box with x1 < x0 or y1 < y0 (expected xyxy boxes)")
+    _check_xyxy(boxes1, "boxes1")
+    _check_xyxy(boxes2, "boxes2")
     iou, union = box_iou(boxes1, boxes2)
     top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])

@@ -211,9 +211,20 @@ class TrainConfig:
     """Also write TensorBoard logs to OUTPUT_DIR/tb."""
     dist_url: str = "env://"
     """How the processes of a distributed run meet (torchrun and SLURM set the environment)."""
+    dist_timeout: float = 600.0
+    """Seconds a process waits for the others at a collective (a stalled or dead rank) before stopping with an
+    error."""
+    divergence_factor: float = 1000.0
+    """Stop before a step whose loss is more than this many times the median loss of the run's first 10 steps (a
+    divergence whose numbers stay finite); 0: never. nan/inf losses, predictions and gradients always stop."""
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("batch_size", "epochs", "lr_drop", "eval_every"))
+        if not isinstance(self.dist_timeout, (int, float)) or not 0 < self.dist_timeout < math.inf:
+            _fail("dist_timeout", "a finite number of seconds > 0", self.dist_timeout)
+        if not isinstance(self.divergence_factor, (int, float)) or not (
+                self.divergence_factor == 0 or 1 < self.divergence_factor < math.inf):
+            _fail("divergence_factor", "0 (off) or a finite number > 1", self.divergence_factor)
         for name in ("seed", "start_epoch", "print_freq"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:

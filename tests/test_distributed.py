@@ -42,3 +42,40 @@ def test_two_processes_equal_one_process(tmp_path):
         assert torch.allclose(after, two["after"][key], rtol=1e-5, atol=1e-6), (key, difference)
         largest_update = max(largest_update, (after - one["before"][key]).abs().max().item())
     assert largest_update > 1e-3  # the step did move the weights
+
+
+def test_a_stalled_rank_stops_the_others_after_dist_timeout_with_a_message(tmp_path):
+    """Rank 1 is frozen (SIGSTOP) mid-training: rank 0 stops within --dist_timeout with a one-line error that says
+    it waited for the other rank, instead of hanging for torch's 30-minute default."""
+    import signal
+    import time
+
+    from helpers.tiny import TINY_MODEL_FLAGS, TINY_RUN_FLAGS, data_flags, user_environment
+
+    from deformable_detr.data import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_train=8, num_val=2, image_size=64, seed=0)
+    port = str(_free_port())
+    command = [sys.executable, "-m", "deformable_detr", "train", *TINY_MODEL_FLAGS, *TINY_RUN_FLAGS, *data_flags(data),
+               "--epochs", "100", "--batch_size", "1", "--no_progress", "--print_freq", "1", "--dist_timeout", "10",
+               "--output_dir", str(tmp_path / "run")]
+    env = user_environment(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        for line in ranks[0].stderr:  # wait until the two ranks train together
+            if line.startswith("epoch 0 [2/"):
+                break
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = ranks[0].communicate(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()
+    last = err.strip().splitlines()[-1]
+    assert ranks[0].returncode == 2, err[-2000:]
+    assert last.startswith("ddetr train: rank 0 of 2: the other rank did not answer a collective within "
+                           "--dist_timeout 10 s: it stalled or died"), last
+    assert 10 <= waited < 60

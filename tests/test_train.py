@@ -157,6 +157,6 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(syntheti
     loss_boxes = SetCriterion.loss_boxes
     monkeypatch.setattr(SetCriterion, "loss_boxes", lambda self, *args: {
         k: v * float("nan") for k, v in loss_boxes(self, *args).items()})
-    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, iteration 0; training stopped"):
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, iteration 0: the model diverged"):
         _train(synthetic, tmp_path, epochs=3, eval_every=100, resume=str(tmp_path / "checkpoint.pth"))
     assert (tmp_path / "checkpoint.pth").read_bytes() == before

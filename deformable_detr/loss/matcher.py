@@ -53,6 +53,8 @@ class HungarianMatcher(nn.Module):
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         # (batch, Q, sum n_b) -> per image (Q, n_b)
         cost = cost.view(batch, num_queries, -1).cpu()
+        if not torch.isfinite(cost).all():  # on the CPU copy: no extra device synchronisation
+            raise FloatingPointError("matching costs are nan or inf: the predictions are not finite")
         sizes = [len(t["boxes"]) for t in targets]
         return [c[b] for b, c in enumerate(cost.split(sizes, -1))]
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +60,11 @@ def _first_slurm_host(nodelist: str) -> str:
     return first
 
 
-def init_distributed(dist_url: str = "env://", device: str = "cuda") -> DistributedInfo:
+def init_distributed(dist_url: str = "env://", device: str = "cuda", timeout: float = 600.0) -> DistributedInfo:
     """Joins the process group described by the environment (torchrun, SLURM); a single process otherwise.
 
-    NCCL for CUDA devices, gloo on the CPU. Each process uses the GPU of its ``local_rank``.
+    NCCL for CUDA devices, gloo on the CPU. Each process uses the GPU of its ``local_rank``. ``timeout``: seconds a
+    collective waits for the other processes before it fails (torch's default is 30 minutes for gloo).
     """
     ranks = _environment_ranks()
     if ranks is None:
@@ -74,9 +78,29 @@ def init_distributed(dist_url: str = "env://", device: str = "cuda") -> Distribu
             raise RuntimeError(f"--device {device} but CUDA is not available on rank {rank}")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=dist_url, world_size=world_size,
-                            rank=rank)
+                            rank=rank, timeout=datetime.timedelta(seconds=timeout))
     dist.barrier()
     return DistributedInfo(True, rank, world_size, local_rank, local_size)
+
+
+# How gloo and NCCL word a peer that stalled (a timeout) or died (a closed connection).
+_PEER_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+@contextlib.contextmanager
+def peer_failures_reported(info: DistributedInfo, timeout: float) -> Iterator[None]:
+    """Turns the error of a collective whose peers did not answer (a stalled or dead rank) into a one-line
+    :class:`TimeoutError` that says which process waited, for how long, and what to look at."""
+    try:
+        yield
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        if not info.enabled or not any(word in message.lower() for word in _PEER_FAILURES):
+            raise
+        others = "the other rank" if info.world_size == 2 else f"one of the other {info.world_size - 1} ranks"
+        raise TimeoutError(
+            f"rank {info.rank} of {info.world_size}: {others} did not answer a collective within --dist_timeout "
+            f"{timeout:g} s: it stalled or died (see its log); this rank stopped. ({message})") from error
 
 
 def is_dist() -> bool:

@@ -4,6 +4,7 @@ log lines elsewhere: see ``progress.py``)."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -23,7 +24,49 @@ PROGRESS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became inf or nan: training stops; the checkpoints already written stay as they are."""
+    """The loss, the predictions, the gradients or the weights became inf or nan: training stops before the step
+    is applied; the checkpoints already written stay as they are."""
+
+
+def _non_finite_outputs(outputs: dict) -> str:
+    """Which predictions hold nan/inf, e.g. ``pred_boxes (1200 of 1200 values)``: the error path only."""
+    found = []
+    for name in ("pred_logits", "pred_boxes"):
+        bad = int((~torch.isfinite(outputs[name])).sum())
+        if bad:
+            found.append(f"{name} ({bad} of {outputs[name].numel()} values)")
+    return ", ".join(found) or "none of pred_logits, pred_boxes (an auxiliary or encoder output)"
+
+
+def _stop(what: str, epoch: int, iteration: int, logs: dict[str, float] | None = None) -> NonFiniteLossError:
+    terms = f" Loss terms: { {k: round(v, 4) for k, v in logs.items()} }" if logs else ""
+    return NonFiniteLossError(
+        f"{what} at epoch {epoch}, iteration {iteration}: the model diverged (try a lower --lr, or "
+        f"--clip_max_norm); training stopped before this step was applied, the checkpoints written so far are "
+        f"intact.{terms}")
+
+
+class DivergenceGuard:
+    """Recognises a loss that explodes while staying finite: a step whose loss exceeds ``factor`` times the median
+    loss of the run's first ``warmup`` steps (of fewer while fewer were taken). The reference is this run's own:
+    a resumed or fine-tuned run measures it again from its first steps. ``factor`` 0: never. One guard lives for the
+    whole run; in a distributed run every process sees the same (averaged) loss, so all stop together."""
+
+    def __init__(self, factor: float = 1000.0, warmup: int = 10) -> None:
+        self.factor, self.warmup = factor, warmup
+        self.first_losses: list[float] = []
+
+    def problem(self, loss: float) -> str | None:
+        """Why the step of this loss must not be applied, or None."""
+        if self.first_losses and self.factor:
+            reference = statistics.median(self.first_losses)
+            if loss > self.factor * reference:
+                return (f"loss {loss:.4g} is more than {self.factor:g} times this run's starting loss "
+                        f"({reference:.4g}, the median of its first {len(self.first_losses)} steps; "
+                        f"--divergence_factor)")
+        if len(self.first_losses) < self.warmup:
+            self.first_losses.append(loss)
+        return None
 
 
 class EpochAverages:
@@ -84,9 +127,12 @@ def _loss_logs(criterion: SetCriterion, losses: dict[str, Tensor]) -> tuple[floa
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, max_norm: float = 0.1, amp: str | None = None,
                     scaler: torch.amp.GradScaler | None = None, progress: bool = True,
-                    print_freq: int = 10) -> dict[str, float]:
+                    print_freq: int = 10, divergence: DivergenceGuard | None = None) -> dict[str, float]:
     """One pass over ``data_loader`` (batches of (images, mask, targets)); returns the epoch averages of the
     official log keys (``loss``, ``loss_ce``, ..., ``class_error``, ``lr``, ``grad_norm``).
+
+    A step stops with :class:`NonFiniteLossError`, before it is applied, when the predictions, the loss or (without
+    a gradient scaler) the gradients are nan/inf, or when ``divergence`` says the loss exploded.
 
     Progress goes to stderr on the main process: with ``progress`` a bar when stderr is a terminal, else (or without
     ``progress``) a line every ``print_freq`` iterations (0: none) and at the last, then a summary line."""
@@ -99,14 +145,20 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iter
             images, mask, targets = _to_device(images, mask, targets, device)
             with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp is not None):
                 outputs = model(images, mask)
-            losses = criterion(_float_outputs(outputs), targets)
+            outputs = _float_outputs(outputs)
+            try:
+                # The matcher's input checks (which synchronise anyway) recognise nan/inf predictions.
+                losses = criterion(outputs, targets)
+            except FloatingPointError as error:
+                raise _stop(f"non-finite predictions: {_non_finite_outputs(outputs)} ({error})", epoch,
+                            iteration) from error
             loss = criterion.total_loss(losses)
-            loss_value, logs = _loss_logs(criterion, losses)
+            loss_value, logs = _loss_logs(criterion, losses)  # the one read of the loss per step
             if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch}, iteration {iteration}; training stopped, the checkpoints "
-                    f"written so far are intact. Loss terms: { {k: round(v, 4) for k, v in logs.items()} }"
-                )
+                raise _stop(f"loss is {loss_value}", epoch, iteration, logs)
+            exploded = divergence.problem(loss_value) if divergence is not None else None
+            if exploded:
+                raise _stop(exploded, epoch, iteration, logs)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -115,14 +167,16 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iter
                 loss.backward()
             parameters = [p for p in model.parameters() if p.grad is not None]
             # clip_grad_norm_ with an infinite bound still returns the norm, which the official logs report.
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf).item()
             if scaler is not None:
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # skips a step with inf/nan gradients and lowers the scale: fp16's normal
                 scaler.update()
+            elif not math.isfinite(grad_norm):
+                raise _stop(f"the gradient norm is {grad_norm} (loss {loss_value:.4g})", epoch, iteration, logs)
             else:
                 optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
-            averages.update(loss=loss_value, lr=lr, grad_norm=grad_norm.item(), **logs)
+            averages.update(loss=loss_value, lr=lr, grad_norm=grad_norm, **logs)
             report.update(loss_value, lr=lr, terms={k: logs[k] for k in PROGRESS_TERMS if k in logs})
     return averages.averages()
 

@@ -8,11 +8,15 @@ so a failed start writes nothing and leaves what is already in the output folder
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import datetime
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +28,11 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from deformable_detr.checkpoint import (
     CheckpointError,
+    checkpoint_size_estimate,
     load_model_state,
     make_checkpoint,
     read_checkpoint,
+    remove_interrupted_saves,
     save_checkpoint,
     stored_configs,
 )
@@ -46,8 +52,8 @@ from deformable_detr.config import (
 from deformable_detr.data import CocoDetection, build_coco_dataset, collate_fn, make_coco_transforms
 from deformable_detr.device import resolve_device
 from deformable_detr.model.build import build_from_config
-from deformable_detr.training.distributed import DistributedInfo, init_distributed
-from deformable_detr.training.engine import evaluate, train_one_epoch
+from deformable_detr.training.distributed import DistributedInfo, init_distributed, peer_failures_reported
+from deformable_detr.training.engine import DivergenceGuard, NonFiniteLossError, evaluate, train_one_epoch
 from deformable_detr.training.evaluation import format_stats
 from deformable_detr.training.optimizer import build_optimizer
 
@@ -105,14 +111,34 @@ class _Run:
             print(*args, flush=True)
 
 
+def _check_writable(output_dir: Path) -> None:
+    """Creates ``output_dir`` and a probe file in it (then removes it): an unwritable folder is reported before any
+    work, not when the first checkpoint is saved an epoch later."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".ddetr_write_probe_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"--output_dir {output_dir}: cannot write there ({error.strerror or error}); give a folder "
+                      "you can write to") from error
+
+
+def _check_free_space(output_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise OSError(f"--output_dir {output_dir}: {free / 2**20:.0f} MiB free on its disk, and a checkpoint of this "
+                      f"model takes about {needed / 2**20:.0f} MiB; free some space or choose another folder")
+
+
 def _start_run(train_cfg: TrainConfig) -> _Run:
     device = resolve_device(train_cfg.device)
-    info = init_distributed(train_cfg.dist_url, device.type)
+    info = init_distributed(train_cfg.dist_url, device.type, timeout=train_cfg.dist_timeout)
     if device.type == "cuda" and info.enabled:
         device = torch.device(f"cuda:{info.local_rank}")
     output_dir = Path(train_cfg.output_dir) if train_cfg.output_dir else None
     if output_dir and info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        _check_writable(output_dir)
     return _Run(info, device, output_dir)
 
 
@@ -168,6 +194,44 @@ def _stats_entry(prefix: str, stats: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}_{k}": v for k, v in stats.items()}
 
 
+def _resume_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                      checkpoint: dict[str, Any], train_cfg: TrainConfig) -> None:
+    """Loads the optimizer and the lr schedule of a resumed run, then, as the official main.py does, the settings'
+    learning rates and lr drop win over the stored ones (its ``override_resumed_lr_drop``, which it forces on): the
+    lr is the settings' lr times 0.1 per drop already passed."""
+    settings_lrs = [(group["lr"], group["initial_lr"]) for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:
+        raise CheckpointError(f"--resume {train_cfg.resume}: its optimizer state does not fit this model's "
+                              f"parameter groups ({error})") from error
+    for group, (lr, initial_lr) in zip(optimizer.param_groups, settings_lrs):
+        group["lr"], group["initial_lr"] = lr, initial_lr
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    lr_scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    epoch = lr_scheduler.last_epoch
+    if train_cfg.lr_drop_epochs:
+        drops = bisect.bisect_right(sorted(train_cfg.lr_drop_epochs), epoch)
+        lr_scheduler.milestones = collections.Counter(train_cfg.lr_drop_epochs)
+    else:
+        drops = epoch // train_cfg.lr_drop
+        lr_scheduler.step_size = train_cfg.lr_drop
+    # The closed form, as the official lr_scheduler.step(last_epoch) computes it.
+    for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+        group["lr"] = base_lr * lr_scheduler.gamma**drops
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+    """Refuses to save a model with nan/inf weights or buffers (one device synchronisation per epoch)."""
+    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).cpu()
+    if not finite.all():
+        bad = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+        raise NonFiniteLossError(f"after epoch {epoch} the weights hold nan/inf ({len(bad)} tensor(s), e.g. "
+                                 f"{', '.join(bad[:3])}): not saved, the checkpoints written so far are intact")
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
     """Trains as the official ``main()`` and returns the last log entry (the official keys).
 
@@ -188,14 +252,39 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
     if train_cfg.resume:
         resumed = _checkpoint_model(train_cfg.resume, "resume", dataclasses.asdict(model_cfg))
         check_architecture(model_cfg, resumed[1], f"--resume {train_cfg.resume}")
+        done = resumed[0].get("epoch")
+        if isinstance(done, int) and done + 1 >= train_cfg.epochs:
+            print(f"nothing to do: --resume {train_cfg.resume} has finished {done + 1} epoch(s) and --epochs is "
+                  f"{train_cfg.epochs}; give --epochs above {done + 1} to train further", flush=True)
+            return {}
     if train_cfg.finetune:
         finetuned = _checkpoint_model(train_cfg.finetune, "finetune", dataclasses.asdict(model_cfg))
         check_architecture(model_cfg, finetuned[1], f"--finetune {train_cfg.finetune}",
                            allow_num_classes=train_cfg.drop_class_heads)
 
     run = _start_run(train_cfg)
+    if run.output_dir and run.info.is_main:  # not in evaluation, which may share the folder of a live run
+        for leftover in remove_interrupted_saves(run.output_dir):
+            run.print(f"removed {leftover.name}: the temporary file of a checkpoint save that was interrupted")
+    with peer_failures_reported(run.info, train_cfg.dist_timeout):
+        return _train_run(run, model_cfg, train_cfg, data_cfg, resumed, finetuned)
+
+
+def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
+               resumed: tuple | None, finetuned: tuple | None) -> dict[str, Any]:
     _seed_everything(train_cfg.seed + run.info.rank)
     train_set, val_set = _dataset("train", data_cfg, run.info), _dataset("val", data_cfg, run.info)
+    for name, dataset in (("training", train_set), ("validation", val_set)):
+        if len(dataset) == 0:
+            raise ConfigError(f"the {name} set ({dataset.annotation_file}) lists no images: nothing to "
+                              f"{'train on' if name == 'training' else 'evaluate'}")
+    # The images each process sees per epoch (DistributedSampler pads to equal shares); fewer than one batch would
+    # take no step at all with the official drop_last: train on the partial batch instead, and say so.
+    share = math.ceil(len(train_set) / run.info.world_size)
+    partial_batch = share < train_cfg.batch_size
+    if partial_batch:
+        run.print(f"note: {len(train_set)} training image(s), fewer than one batch of {train_cfg.batch_size} per "
+                  f"process: each epoch takes one step on a partial batch of {share}")
     model_cfg = dataclasses.replace(
         model_cfg, num_classes=resolve_num_classes(model_cfg, data_cfg, [train_set, val_set]),
         # The official code freezes the whole backbone when its learning rate is 0.
@@ -226,15 +315,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
     start_epoch = train_cfg.start_epoch
     if resumed is not None and all(k in resumed[0] for k in ("optimizer", "lr_scheduler", "epoch")):
         checkpoint = resumed[0]
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError as error:
-            raise CheckpointError(f"--resume {train_cfg.resume}: its optimizer state does not fit this model's "
-                                  f"parameter groups ({error})") from error
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        _resume_optimizer(optimizer, lr_scheduler, checkpoint, train_cfg)
         start_epoch = checkpoint["epoch"] + 1
         if scaler is not None and "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
+    if run.output_dir and run.info.is_main:
+        _check_free_space(run.output_dir, checkpoint_size_estimate(model_without_ddp, optimizer))
 
     val_loader = _val_loader(val_set, train_cfg.batch_size, data_cfg, run)
     writer = None
@@ -247,6 +333,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
               f"{run.device.type}")
     started = time.time()
     log_stats: dict[str, Any] = {}
+    divergence = DivergenceGuard(train_cfg.divergence_factor)
     for epoch in range(start_epoch, train_cfg.epochs):
         # Every epoch starts from RNG states that depend only on (seed, epoch, rank), so that resuming from a
         # checkpoint replays exactly what an uninterrupted run does.
@@ -257,17 +344,18 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
             train_sampler.set_epoch(epoch)
         else:
             train_sampler = RandomSampler(train_set, generator=generator)
-        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=train_sampler, drop_last=True,
+        train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=train_sampler, drop_last=not partial_batch,
                                   collate_fn=collate_fn, num_workers=data_cfg.num_workers,
                                   pin_memory=run.device.type == "cuda", generator=generator)
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, run.device, epoch,
                                       train_cfg.clip_max_norm, train_cfg.amp, scaler, progress=train_cfg.progress,
-                                      print_freq=train_cfg.print_freq)
+                                      print_freq=train_cfg.print_freq, divergence=divergence)
         lr_scheduler.step()
         if train_set.num_skipped:
             run.print(f"epoch {epoch}: {train_set.num_skipped} unreadable image(s) skipped so far (see the "
                       "warnings above)")
         if run.output_dir and run.info.is_main:
+            _check_finite_weights(model_without_ddp, epoch)
             checkpoint = make_checkpoint(
                 model_without_ddp.state_dict(), configs, train_set.categories, optimizer=optimizer.state_dict(),
                 lr_scheduler=lr_scheduler.state_dict(), epoch=epoch,
@@ -324,6 +412,12 @@ def evaluate_checkpoint(path: str | Path, data_cfg: DataConfig | None = None, tr
     _check_data_given(data_cfg, training=False)
 
     run = _start_run(train_cfg)
+    with peer_failures_reported(run.info, train_cfg.dist_timeout):
+        return _evaluate_run(run, path, checkpoint, model_cfg, data_cfg, train_cfg)
+
+
+def _evaluate_run(run: _Run, path: str | Path, checkpoint: dict[str, Any], model_cfg: ModelConfig,
+                  data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     val_set = _dataset("val", data_cfg, run.info)
     largest = max(val_set.category_ids, default=0)
     if largest >= model_cfg.num_classes:
