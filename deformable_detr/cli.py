@@ -304,8 +304,9 @@ def build_parser() -> _Parser:
 
     predict = command("predict", _predict, "detect objects in images: COCO-results JSON and annotated pictures",
                       "Runs CHECKPOINT (ours or official) on image files, folders and glob patterns; writes "
-                      "OUT/detections.json (COCO results) and OUT/<name>_detections.png per image. Unreadable inputs "
-                      "are reported and skipped; exit code 1 if any failed, 2 for a bad checkpoint or option.")
+                      "OUT/detections.json (COCO results) and OUT/<name>_detections.png per image. Inputs that fail "
+                      "(unreadable, too small or elongated, or that the model fails on) are reported by name and "
+                      "skipped, the others processed; exit code 1 if any failed, 2 for a bad checkpoint or option.")
     predict.add_argument("checkpoint", help="checkpoint of ddetr train or of the official code")
     predict.add_argument("inputs", nargs="+", help="image files, folders (their image files) or glob patterns")
     predict.add_argument("--out", required=True, help="output folder")

@@ -131,7 +131,7 @@ def _tiny_setup(num_batches: int):
     )
     generator = torch.Generator().manual_seed(1)
     batches = []
-    # Two images per batch: the 1x1 last level of a 64x64 image has one value per GroupNorm group otherwise.
+    # Two images per batch.
     for index in range(num_batches):
         targets = []
         for image in range(2):

@@ -88,19 +88,36 @@ def crop(image: ImageLike, target: Target | None, region: tuple[int, int, int, i
     return cropped, target
 
 
+class ImageSizeError(ValueError):
+    """An image that a resize cannot handle: it has no pixels, or it is so elongated that its resized short side
+    would be 0 pixels. The message gives the size and the limit; callers prefix the image's name."""
+
+
 def get_size_with_aspect_ratio(size_wh: tuple[int, int], size: int, max_size: int | None = None) -> tuple[int, int]:
     """Output (h, w) with the short side ``size``, the aspect ratio kept, and the long side capped at ``max_size``.
 
     The official arithmetic, which fixes the integer output: when the long side would exceed ``max_size`` the short
     side becomes ``round(max_size * short / long)`` (Python's round), and the long side is ``int(size * long /
     short)`` (truncated). E.g. 640x480 -> (800, 1066); 1000x400 -> (533, 1332).
+
+    Raises :class:`ImageSizeError` for an empty image (a side of 0) and for one whose long side is at least
+    ``2 * max_size`` times its short side (e.g. 4000x1 for max_size 1333): its short side would round to 0 pixels,
+    where the official code fails inside the resampling.
     """
     width, height = size_wh
+    if width < 1 or height < 1:
+        raise ImageSizeError(f"the image is {width}x{height} pixels: an empty image cannot be resized")
+    short_size = size
     if max_size is not None:
         min_original = float(min(width, height))
         max_original = float(max(width, height))
         if max_original / min_original * size > max_size:
             size = int(round(max_size * min_original / max_original))
+            if size < 1:
+                raise ImageSizeError(
+                    f"the image is {width}x{height} pixels, too elongated for the resize (short side {short_size}, "
+                    f"long side at most {max_size}): its short side would become 0 pixels; the long side must be "
+                    f"less than {2 * max_size} times the short side")
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:
@@ -111,12 +128,16 @@ def get_size_with_aspect_ratio(size_wh: tuple[int, int], size: int, max_size: in
 def resize(image: ImageLike, target: Target | None, size: int | Sequence[int], max_size: int | None = None
            ) -> tuple[ImageLike, Target | None]:
     """Resize to short side ``size`` (capped by ``max_size``, see :func:`get_size_with_aspect_ratio`) or to the
-    exact ``size`` = (w, h) when a pair is given. A PIL image is resampled by PIL (bilinear, as the official), a
-    (..., H, W) tensor by torchvision (bilinear, antialiased).
+    exact ``size`` = (w, h) when a pair is given (:class:`ImageSizeError` for an empty input or output). A PIL
+    image is resampled by PIL (bilinear, as the official), a (..., H, W) tensor by torchvision (bilinear,
+    antialiased).
     Boxes scale by (ratio_w, ratio_h) and areas by ratio_w * ratio_h, the ratios being those of the integer output
     size to the input size."""
     if isinstance(size, Sequence):
         output_hw = (int(size[1]), int(size[0]))
+        if min(image_size(image)) < 1 or min(output_hw) < 1:
+            raise ImageSizeError(f"cannot resize a {'x'.join(map(str, image_size(image)))} image to "
+                                 f"{output_hw[1]}x{output_hw[0]} pixels: both need at least 1 pixel per side")
     else:
         output_hw = get_size_with_aspect_ratio(image_size(image), size, max_size)
     # antialias: PIL always filters; for tensors it makes a downscale average the pixels as PIL's does, rather than

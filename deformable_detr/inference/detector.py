@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ from deformable_detr.config import OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE, ModelCo
 from deformable_detr.data.coco_names import COCO_CATEGORIES, COCO_NUM_CLASSES
 from deformable_detr.data.collate import batch_images
 from deformable_detr.data.images import load_rgb_image, to_rgb
-from deformable_detr.data.transforms import EvalTransform
+from deformable_detr.data.transforms import EvalTransform, ImageSizeError
 from deformable_detr.device import resolve_device
 from deformable_detr.inference.rewrites import optimize_for_inference
 from deformable_detr.inference.sampling_points import SamplingPointRecorder, SamplingPoints, to_image_pixels
 from deformable_detr.model.build import build_from_config
+from deformable_detr.model.deformable_detr import DeformableDETR
 from deformable_detr.model.postprocess import decode_detections
 
 ImageInput = str | Path | PIL.Image.Image | np.ndarray | Tensor
@@ -102,6 +104,14 @@ def class_names_of(checkpoint: dict[str, Any], num_classes: int) -> dict[int, st
     return {}
 
 
+def check_score_threshold(value: float, name: str = "score_threshold") -> float:
+    """``value`` if it is a number in [0, 1] (scores are sigmoid probabilities), else ValueError naming ``name``
+    (NaN, which would keep or drop every detection depending on the comparison, included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _as_image(image: ImageInput, position: int) -> PIL.Image.Image | Tensor:
     """A PIL RGB image, or a (3, H, W) float tensor in [0, 1]; errors name the input and what was expected."""
     if isinstance(image, (str, Path)):
@@ -117,6 +127,12 @@ def _as_image(image: ImageInput, position: int) -> PIL.Image.Image | Tensor:
         if image.dim() != 3 or image.shape[0] not in (1, 3) or not image.is_floating_point():
             raise ValueError(f"image {position}: tensors must be float (3, H, W) or (1, H, W) in [0, 1] (a batch: "
                              f"(B, 3, H, W)), got {image.dtype} {tuple(image.shape)}")
+        if image.numel() == 0:
+            raise ImageSizeError(f"image {position}: the tensor has no pixels, shape {tuple(image.shape)}")
+        finite = torch.isfinite(image)
+        if not bool(finite.all()):
+            raise ValueError(f"image {position}: the tensor holds {int((~finite).sum())} non-finite value(s) (NaN or "
+                             f"inf) of {image.numel()}; pixels must be finite, in [0, 1]")
         low, high = float(image.min()), float(image.max())
         if low < 0.0 or high > 1.0:
             raise ValueError(f"image {position}: tensor values must be in [0, 1] (un-normalised RGB), found "
@@ -141,8 +157,7 @@ class Detector:
                  optimize: bool = True) -> None:
         if dtype not in (torch.float32, torch.float64, *_HALF_DTYPES):
             raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
-        if not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        check_score_threshold(score_threshold)
         if val_size < 1 or max_size < val_size:
             raise ValueError(f"need 1 <= val_size <= max_size, got val_size={val_size}, max_size={max_size}")
         self.config = config
@@ -192,15 +207,30 @@ class Detector:
     def label_name(self, label: int) -> str:
         return self.class_names.get(int(label), str(int(label)))
 
-    def prepare(self, image: ImageInput, position: int = 0) -> PreparedImage:
+    def prepare(self, image: ImageInput, position: int = 0, *, name: str | None = None) -> PreparedImage:
         """Loads / converts one image and applies the eval transform (PIL images exactly as ``ddetr eval``, tensors
-        resized by torchvision, see :class:`EvalTransform`)."""
+        resized by torchvision, see :class:`EvalTransform`).
+
+        Raises :class:`~deformable_detr.data.transforms.ImageSizeError` naming the image (``name``, else its path
+        or ``image {position}``) for one the model cannot run: empty, too elongated for the resize (its short side
+        would become 0 pixels), or, for a two-stage model, resized smaller than its queries need (see
+        :meth:`DeformableDETR.input_size_problem`). Any other size runs, down to 1 x 1 feature maps.
+        """
+        name = name or (str(image) if isinstance(image, (str, Path)) else f"image {position}")
         image = _as_image(image, position)
         if isinstance(image, PIL.Image.Image):
             original = (image.height, image.width)
         else:
             original = (int(image.shape[1]), int(image.shape[2]))
-        tensor, _ = self.transform(image, None)
+        try:
+            tensor, _ = self.transform(image, None)
+        except ImageSizeError as error:
+            raise ImageSizeError(f"{name}: {error}") from error
+        height, width = int(tensor.shape[1]), int(tensor.shape[2])
+        problem = self.model.input_size_problem(height, width) if isinstance(self.model, DeformableDETR) else None
+        if problem is not None:
+            raise ImageSizeError(f"{name}: {original[1]}x{original[0]} pixels, {width}x{height} after the eval resize "
+                                 f"(val_size {self.val_size}, max_size {self.max_size}), is too small: {problem}")
         return PreparedImage(tensor, original)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -212,7 +242,7 @@ class Detector:
     def run_batch(self, prepared: Sequence[PreparedImage], score_threshold: float | None = None,
                   sampling_points: bool = False) -> list[Detections]:
         """Pads ``prepared`` images into one batch, runs the model and post-processing."""
-        threshold = self.score_threshold if score_threshold is None else score_threshold
+        threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
         images, mask = batch_images([p.image for p in prepared])
         images = images.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32,
                            memory_format=torch.channels_last if self.optimized else torch.contiguous_format)
@@ -252,11 +282,15 @@ class Detector:
     def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float | None = None,
                 batch_size: int = 4, sampling_points: bool = False) -> Detections | list[Detections]:
         """Detections for one image (returns one :class:`Detections`) or a list / a (B, 3, H, W) tensor (returns a
-        list), in batches of ``batch_size`` padded images. ``score_threshold`` defaults to the detector's."""
+        list), in batches of ``batch_size`` padded images. ``score_threshold`` (in [0, 1]) defaults to the
+        detector's. Bad input raises ValueError naming the image by its position (or path): a tensor with NaN / inf
+        or values outside [0, 1], an image the model cannot run (see :meth:`prepare`)."""
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, Tensor) and images.dim() == 4)
         items = [images] if single else list(images)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if score_threshold is not None:
+            check_score_threshold(score_threshold)
         results: list[Detections] = []
         for start in range(0, len(items), batch_size):
             prepared = [self.prepare(image, start + i) for i, image in enumerate(items[start:start + batch_size])]

@@ -2,8 +2,9 @@
 
 Writes ``OUT/detections.json`` (COCO results: ``image_id``, ``file_name``, ``category_id``, ``bbox`` [x, y, w, h]
 in pixels, ``score``), one ``OUT/<name>_detections.png`` per image, and with ``--show-sampling-points`` one
-``OUT/<name>_sampling_points.png``. An input that cannot be read is reported by name and skipped; the exit code is
-then 1, after every other input has been processed.
+``OUT/<name>_sampling_points.png``. An input that fails (it cannot be read, the eval resize cannot take it, the model
+fails on it) is reported on one line with its name and the cause and skipped; the others are processed, a batch
+that fails being rerun image by image, so that one image loses no other; the exit code is then 1.
 
 Image ids are 1..N in input order, or, given a ground-truth COCO JSON (``coco_json``), the ids of that file's
 images with the same file names, so that ``detections.json`` can be scored against it. Images are read upright
@@ -23,12 +24,16 @@ import torch
 from tqdm import tqdm
 
 from deformable_detr.data.images import UnreadableImageError, load_rgb_image
-from deformable_detr.inference.detector import Detector
+from deformable_detr.data.transforms import ImageSizeError
+from deformable_detr.inference.detector import Detections, Detector, PreparedImage, check_score_threshold
 from deformable_detr.inference.drawing import draw_detections
 from deformable_detr.inference.sampling_points import draw_sampling_points
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# What a model run raises for one bad input (torch's errors are RuntimeErrors; Detector.run_batch turns running out
+# of memory into MemoryError). Anything else is a bug and propagates.
+MODEL_ERRORS = (RuntimeError, ValueError, MemoryError)
 
 
 @dataclass
@@ -155,6 +160,7 @@ def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, *, s
     """Runs the checkpoint on every input (see the module docstring and :func:`predict_files`)."""
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"--amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    check_score_threshold(score_threshold, "--score_threshold")  # before the checkpoint is read
     detector = Detector.from_checkpoint(checkpoint, device=device, dtype=AMP_DTYPES.get(amp, torch.float32),
                                         score_threshold=score_threshold, variant=variant)
     return predict_files(detector, inputs, out, batch_size=batch_size, sampling_points_query=sampling_points_query,
@@ -197,22 +203,29 @@ def predict_files(detector: Detector, inputs: list[str], out: str | Path, *, bat
     # A bar only where it can redraw itself: written to a file, its redraws would pile up on one line.
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not (progress and sys.stderr.isatty()),
                file=sys.stderr)
+
+    def skip(message: str) -> None:
+        tqdm.write(f"ddetr predict: skipped {message}", file=sys.stderr)
+        summary.failed.append(message)
+        bar.update(1)
+
     for start in range(0, len(files), batch_size):
         batch = []
         for path, stem in zip(files[start:start + batch_size], stems[start:start + batch_size]):
             try:
                 image = load_rgb_image(path)  # upright: EXIF orientation applied, boxes in the pixels a viewer shows
-            except UnreadableImageError as error:
-                tqdm.write(f"ddetr predict: skipped {error}", file=sys.stderr)
-                summary.failed.append(str(error))
-                bar.update(1)
+                prepared = detector.prepare(image, name=str(path))
+            except (UnreadableImageError, ImageSizeError) as error:  # their messages start with the file's name
+                skip(str(error))
                 continue
-            batch.append((path, stem, image))
-        if not batch:
-            continue
-        prepared = [detector.prepare(image) for _, _, image in batch]
-        found = detector.run_batch(prepared, sampling_points=show_sampling_points)
-        for (path, stem, image), detections in zip(batch, found):
+            except ValueError as error:
+                skip(f"{path}: {_one_line(error)}")
+                continue
+            batch.append((path, stem, image, prepared))
+        for (path, stem, image, _), detections in zip(batch, _run_batch(detector, batch, show_sampling_points)):
+            if isinstance(detections, BaseException):
+                skip(f"{path}: the model failed on this image ({_one_line(detections)})")
+                continue
             summary.images += 1
             summary.detections += len(detections)
             image_id = image_ids[path] if image_ids is not None else summary.images
@@ -241,6 +254,27 @@ def predict_files(detector: Detector, inputs: list[str], out: str | Path, *, bat
     return summary
 
 
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` on one line (torch's messages can span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _run_batch(detector: Detector, batch: list[tuple[Path, str, object, PreparedImage]], sampling_points: bool
+               ) -> list[Detections | BaseException]:
+    """The detections of each image of ``batch``, or the error the model raised on it. A batch that fails is run
+    again image by image, so that one image that the model cannot run loses no other."""
+    if not batch:
+        return []
+    try:
+        return list(detector.run_batch([prepared for *_, prepared in batch], sampling_points=sampling_points))
+    except MODEL_ERRORS as error:
+        if len(batch) == 1:
+            return [error]
+        tqdm.write(f"ddetr predict: a batch of {len(batch)} images failed ({_one_line(error)}); running them one "
+                   "by one", file=sys.stderr)
+    return [_run_batch(detector, [item], sampling_points)[0] for item in batch]
+
+
 def predict_command(args: argparse.Namespace) -> int:
     """The ``ddetr predict`` handler: exit code 0 when every input was processed, 1 when one failed (bad checkpoints
     and options raise, which the command line reports with exit code 2)."""
@@ -252,7 +286,7 @@ def predict_command(args: argparse.Namespace) -> int:
     print(f"{summary.images} image(s), {summary.detections} detection(s) with score >= {args.score_threshold} "
           f"written to {Path(args.out) / 'detections.json'}; pictures in {args.out}/")
     if summary.failed:
-        print(f"ddetr predict: {len(summary.failed)} input(s) failed:\n  " + "\n  ".join(summary.failed),
-              file=sys.stderr)
+        print(f"ddetr predict: {len(summary.failed)} input(s) failed, {summary.images} image(s) processed:\n  "
+              + "\n  ".join(summary.failed), file=sys.stderr)
         return 1
     return 0

@@ -58,6 +58,32 @@ def make_prediction_heads(hidden_dim: int, num_classes: int, num_heads: int, sha
     return class_heads, bbox_heads
 
 
+def feature_map_shapes(height: int, width: int, strides: list[int], num_feature_levels: int) -> list[tuple[int, int]]:
+    """(H_l, W_l) of every feature level for a (padded) input of ``height`` x ``width``: ``ceil(side / stride)`` for
+    the backbone's maps (each stride-2 layer of the ResNet pads and rounds up), then the extra levels halve the
+    last one the same way."""
+    strides = list(strides) + [strides[-1] * 2 ** k for k in range(1, num_feature_levels - len(strides) + 1)]
+    return [(-(-height // stride), -(-width // stride)) for stride in strides]
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also normalises a group holding a single value (a 1 x 1 map with one channel per group,
+    e.g. ``hidden_dim`` 32 in 32 groups, in a batch of one image).
+
+    ``F.group_norm`` refuses that case ("Expected more than 1 value per channel when training", in eval mode too): a
+    check made for batch norm, where one value per channel has no batch statistics. Group norm's statistics are per
+    image, and one value is normalised as in every other case: x - mean = 0, so the output is the group's bias (up
+    to rounding). The same image in a batch of two passes the check and gives exactly that. The kernel is the one
+    ``F.group_norm`` calls, so every other input gives bitwise the same output (the state_dict is
+    ``nn.GroupNorm``'s, so checkpoints are unchanged).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        """input: (batch, channels, H, W) -> the same shape."""
+        return torch.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                                torch.backends.cudnn.enabled)
+
+
 @dataclass
 class DetectorOutput:
     """pred_logits: (batch, Q, num_classes) class logits (sigmoid, no "no-object" class); pred_boxes: (batch, Q, 4)
@@ -122,14 +148,14 @@ class DeformableDETR(nn.Module):
                 f"num_feature_levels ({num_feature_levels}) < the backbone's {num_backbone_levels} returned maps"
             )
         projections = [
-            nn.Sequential(nn.Conv2d(channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+            nn.Sequential(nn.Conv2d(channels, hidden_dim, kernel_size=1), GroupNorm(32, hidden_dim))
             for channels in backbone.num_channels
         ]
         # Extra levels: stride-2 3x3 convolutions on top of the last backbone map.
         in_channels = backbone.num_channels[-1]
         for _ in range(num_feature_levels - num_backbone_levels):
             projections.append(nn.Sequential(
-                nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim)
+                nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1), GroupNorm(32, hidden_dim)
             ))
             in_channels = hidden_dim
         self.input_proj = nn.ModuleList(projections)
@@ -137,6 +163,31 @@ class DeformableDETR(nn.Module):
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.constant_(projection[0].bias, 0)
+
+    def input_size_problem(self, height: int, width: int) -> str | None:
+        """Why the model cannot run a (padded) input of ``height`` x ``width`` pixels, or None when it can.
+
+        Two-stage takes its ``num_queries`` queries from the encoder's top-scoring feature-map positions (one
+        proposal each), so its feature maps need at least that many positions. Any size runs otherwise, down to
+        1 x 1 feature maps (see :class:`GroupNorm`).
+        """
+        return self._positions_problem(feature_map_shapes(height, width, self.backbone.strides,
+                                                          self.num_feature_levels))
+
+    def _positions_problem(self, shapes: list[tuple[int, int]]) -> str | None:
+        if not self.two_stage:
+            return None
+        needed = self.transformer.two_stage_num_proposals
+        positions = sum(h * w for h, w in shapes)
+        if positions >= needed:
+            return None
+        side = 1
+        while sum(h * w for h, w in feature_map_shapes(side, side, self.backbone.strides,
+                                                         self.num_feature_levels)) < needed:
+            side += 1
+        levels = ", ".join(f"{h}x{w}" for h, w in shapes)
+        return (f"its feature maps ({levels}) have {positions} positions, fewer than the {needed} queries this "
+                f"two-stage model selects among them; a square input needs at least {side}x{side} pixels")
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> DetectorOutput:
         """
@@ -165,6 +216,11 @@ class DeformableDETR(nn.Module):
             srcs.append(src)
             masks.append(level_mask)
             pos.append(self.backbone[1](level_mask).to(src.dtype))
+        # (two-stage only: reading the sizes as ints would fix them in a traced or exported graph)
+        problem = self.two_stage and self._positions_problem([(int(src.shape[2]), int(src.shape[3])) for src in srcs])
+        if problem:
+            raise ValueError(f"an input of {images.shape[2]}x{images.shape[3]} pixels (height x width) is too small: "
+                             f"{problem}")
 
         query_embed = None if self.two_stage else self.query_embed.weight
         result = self.transformer(srcs, masks, pos, query_embed)

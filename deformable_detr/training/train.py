@@ -334,6 +334,7 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
     started = time.time()
     log_stats: dict[str, Any] = {}
     divergence = DivergenceGuard(train_cfg.divergence_factor)
+    background_only = len(train_set.images_with_all_boxes_dropped)
     for epoch in range(start_epoch, train_cfg.epochs):
         # Every epoch starts from RNG states that depend only on (seed, epoch, rank), so that resuming from a
         # checkpoint replays exactly what an uninterrupted run does.
@@ -352,8 +353,11 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
                                       print_freq=train_cfg.print_freq, divergence=divergence)
         lr_scheduler.step()
         if train_set.num_skipped:
-            run.print(f"epoch {epoch}: {train_set.num_skipped} unreadable image(s) skipped so far (see the "
-                      "warnings above)")
+            run.print(f"epoch {epoch}: {train_set.num_skipped} unreadable or degenerate image(s) skipped so far (see "
+                      "the warnings above)")
+        if background_only:
+            run.print(f"epoch {epoch}: {background_only} image(s) whose boxes are all dropped trained as background "
+                      "only (see the warning at the start)")
         if run.output_dir and run.info.is_main:
             _check_finite_weights(model_without_ddp, epoch)
             checkpoint = make_checkpoint(
