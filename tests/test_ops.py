@@ -5,8 +5,8 @@
 * ``test_matches_oracle``: forward and gradients of every backend through ``ms_deform_attn(..., backend=...)``, over
   backend x dtype x contiguity x case.
 * What every backend must do (each test parametrized over the backends): the official msda_core vectors, a
-  hand-computed bilinear sample, cell borders and far points as grid_sample, no queries, autocast, torch.compile,
-  float64 gradcheck (where the backend is cheap enough for it).
+  hand-computed bilinear sample, cell borders and far points as grid_sample, NaN / inf inputs as the reference, no
+  queries, autocast, torch.compile, float64 gradcheck (where the backend is cheap enough for it).
 * Backend-specific tests, named ``test_<backend>_...``, then dispatch and input validation (``test_dispatch_...``,
   ``test_bad_inputs_...``).
 
@@ -16,6 +16,7 @@ sets TRITON_INTERPRET=1 before the kernels are imported).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numba
@@ -183,6 +184,20 @@ def assert_close(name: str, actual: Tensor, expected: Tensor, tolerance: float, 
     assert error <= tolerance * scale, f"{name}: max|a-b| = {error:.3g} > {tolerance:g} * max|expected| ({scale:.3g})"
 
 
+
+def assert_same_nonfinite(name: str, actual: Tensor, expected: Tensor, tolerance: float, classes: bool = True) -> None:
+    """NaN, +inf and -inf in the places ``expected`` has them (``classes=False``: non-finite ones, of any kind), and
+    the finite entries as in ``assert_close``."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().cpu().double()
+    expected = expected.double()
+    kinds = (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)) if classes else ()
+    for kind, test in (*kinds, ("non-finite", lambda t: ~torch.isfinite(t))):
+        differ = test(actual) != test(expected)
+        assert not differ.any(), f"{name}: {kind} entries differ from the reference's at {int(differ.sum())} places"
+    finite = torch.isfinite(expected)
+    assert_close(name, actual.where(finite, 0.0), expected.where(finite, 0.0), tolerance, where=finite)
+
 def pixel_distance_to_cell_border(sampling_locations: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
     """(..., num_levels, num_points, 2): how far each sample's pixel coordinates (x W - 0.5, y H - 0.5) are from the
     nearest integer, where the bilinear cell (and so the location derivative) changes."""
@@ -333,6 +348,109 @@ def test_samples_far_outside_read_zero_and_get_no_gradient(backend):
     assert torch.count_nonzero(grad_value) == 4 * 8  # the four neighbours of the inside sample, head 0 only
     for name, actual, expected in zip(NAMES, (output, grad_value, grad_locations, grad_weights), oracle(inputs)):
         assert_close(name, actual, expected, TOLERANCE[backend, torch.float32])
+
+
+NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+# Dyadic map sizes: the pixel coordinates of the pixel centres used below are exact in float32 (a bilinear weight of
+# exactly 0 times an infinity is NaN, so the tests must not depend on rounding).
+DYADIC = Case(8, ((4, 8), (2, 2), (1, 1)), 2, 2, num_queries=5)
+POINT = (1, 3, 1, 0, 1)  # (batch, query, head, level, point) of the sample the tests below make non-finite
+
+
+@pytest.mark.parametrize("coordinate", ["x", "y"])
+@pytest.mark.parametrize("bad", NONFINITE.values(), ids=NONFINITE.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_sampling_location_gives_nan_like_the_reference(backend, bad, coordinate):
+    """One point of one query at x (or y) = NaN, +inf or -inf, what the reference (grid_sample's CPU kernel) gives:
+    the point's bilinear weights are NaN (x - floor(x) is NaN for +-inf too) and multiply the zeros it reads off the
+    map, so the query's output for that head is NaN in every channel, and so is the point's weight gradient. Its
+    location gradient is NaN in the other coordinate and 0 in this one (d/dx is a difference of the zeros read, times
+    y's bilinear weights; d/dy is one times x's). value gets no gradient from it. All else is finite, as the oracle."""
+    inputs = make_inputs(DYADIC, device=DEVICES[backend])
+    axis = "xy".index(coordinate)
+    inputs.sampling_locations[(*POINT, axis)] = bad
+    results = run(backend, inputs)
+
+    batch, query, head = POINT[:3]
+    expected_nan = [torch.zeros(result.shape, dtype=torch.bool) for result in results]
+    expected_nan[0][batch, query, head * DYADIC.head_dim:(head + 1) * DYADIC.head_dim] = True
+    expected_nan[2][(*POINT, 1 - axis)] = True
+    expected_nan[3][POINT] = True
+    for name, actual, expected, nan in zip(NAMES, results, oracle(inputs), expected_nan):
+        assert torch.equal(expected.isnan(), nan), f"{name}: the reference itself changed"
+        assert_same_nonfinite(name, actual, expected, TOLERANCE[backend, torch.float32])
+    assert results[2][(*POINT, axis)].item() == 0
+
+
+@pytest.mark.parametrize("where", ["pixel-centre", "off-the-map"])
+@pytest.mark.parametrize("bad", NONFINITE.values(), ids=NONFINITE.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_attention_weight_propagates_like_the_reference(backend, bad, where):
+    """The reference multiplies the bilinear sample by the weight A. On a pixel centre (the sample is that pixel) an
+    infinite A gives +-inf in every channel, a NaN A NaN; off the map the sample is 0, so 0 * A is NaN either way
+    (no backend may skip that sample). The output matches the oracle's NaN, +inf and -inf exactly, except triton's
+    for an infinite A on the map (it folds A into the corner weights: NaN, see its kernel); the gradients match its
+    non-finite entries, and its NaN ones too for a NaN A (for an infinite A the location gradient of the point, A
+    times a sum, may be NaN where the reference's is +-inf or the reverse: it multiplies before summing)."""
+    inputs = make_inputs(DYADIC, device=DEVICES[backend])
+    location = (2.5 / 8, 1.5 / 4) if where == "pixel-centre" else (-0.5, 0.5)  # level 0 is 4 x 8
+    inputs.sampling_locations[POINT] = torch.tensor(location)
+    inputs.attention_weights[POINT] = bad
+    results = run(backend, inputs)
+    expected = oracle(inputs)
+
+    batch, query, head = POINT[:3]
+    row = expected[0][batch, query, head * DYADIC.head_dim:(head + 1) * DYADIC.head_dim]
+    assert (row.isinf() if where == "pixel-centre" and not math.isnan(bad) else row.isnan()).all()
+    classes = not (backend == "triton" and math.isinf(bad) and where == "pixel-centre")
+    assert_same_nonfinite("output", results[0], expected[0], TOLERANCE[backend, torch.float32], classes)
+    for name, actual, reference in zip(NAMES[1:], results[1:], expected[1:]):
+        classes = math.isnan(bad) or name != "grad_sampling_locations"
+        assert_same_nonfinite(name, actual, reference, TOLERANCE[backend, torch.float32], classes)
+
+
+@pytest.mark.parametrize("bad", NONFINITE.values(), ids=NONFINITE.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_value_propagates_like_the_reference(backend, bad):
+    """A NaN / +-inf value channel reaches every sample that reads its pixel as one of its (up to four) neighbours,
+    even with bilinear weight 0 (0 * inf is NaN): output, weight and location gradients follow the oracle's NaN,
+    +inf and -inf exactly; the value gradient does not involve value and stays finite."""
+    inputs = make_inputs(DYADIC, device=DEVICES[backend])
+    inputs.value[1, 2 * 8 + 3, 1, 5] = bad  # level 0, pixel (row 2, column 3), head 1, channel 5
+    # On the centre of the pixel left of it, which is read with bilinear weight 0.
+    inputs.sampling_locations[POINT] = torch.tensor([2.5 / 8, 2.5 / 4])
+    results = run(backend, inputs)
+    expected = oracle(inputs)
+    assert expected[0].isnan().any() and expected[3].isnan().any()
+    for name, actual, reference in zip(NAMES, results, expected):
+        assert_same_nonfinite(name, actual, reference, TOLERANCE[backend, torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_nonfinite_inputs_match_the_reference(backend):
+    """NaN, +inf and -inf scattered over value and locations, NaN over weights (infinite ones: see above), a third of
+    the samples on pixel centres (some bilinear weights exactly 0), some weights 0: output and gradients have the
+    oracle's NaN, +inf and -inf entries, and its finite ones."""
+    inputs = make_inputs(DYADIC._replace(num_queries=24), seed=3)
+    generator = torch.Generator().manual_seed(4)
+    sizes = torch.tensor([(w, h) for h, w in DYADIC.spatial_shapes], dtype=torch.float32)[:, None, :]  # (L, 1, 2)
+    centres = ((inputs.sampling_locations * sizes - 0.5).round() + 0.5) / sizes
+    on_centre = torch.rand(inputs.attention_weights.shape, generator=generator)[..., None] < 1 / 3
+    inputs.sampling_locations.copy_(torch.where(on_centre, centres, inputs.sampling_locations))
+    inputs.attention_weights[torch.rand(inputs.attention_weights.shape, generator=generator) < 0.05] = 0
+    every_kind = torch.tensor(list(NONFINITE.values()))
+    for tensor, specials in (
+        (inputs.value, every_kind), (inputs.sampling_locations, every_kind), (inputs.attention_weights, every_kind[:1])
+    ):
+        chosen = torch.rand(tensor.shape, generator=generator) < 0.02
+        tensor[chosen] = specials[torch.randint(0, len(specials), (int(chosen.sum()),), generator=generator)]
+    inputs = Inputs(*(t.to(DEVICES[backend]) if isinstance(t, Tensor) else t for t in inputs))
+    results = run(backend, inputs)
+    expected = oracle(inputs)
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert kind(expected[0]).any() and kind(expected[3]).any()
+    for name, actual, reference in zip(NAMES, results, expected):
+        assert_same_nonfinite(name, actual, reference, TOLERANCE[backend, torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
