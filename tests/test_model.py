@@ -107,3 +107,33 @@ def test_position_encoding_is_the_official_formula_with_frequencies_fixed_at_con
     py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
     expected = torch.cat((py, px), dim=3).permute(0, 3, 1, 2)
     assert torch.equal(module(mask), expected)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_a_bf16_autocast_training_step_is_close_to_float32(backend):
+    """A training step of a small model under bfloat16 autocast (the attention reading value in bfloat16, locations
+    and weights in float32) against the same step in float32. Measured on this CPU: loss 1.2e-3 relative, gradients
+    5.8e-2 relative L2 (the convolutions and linear layers in bfloat16 dominate), the same for all three backends.
+    Bounds: about twice that. (triton: Triton's interpreter, conftest sets TRITON_INTERPRET=1 without a GPU.)"""
+    def step(amp: bool) -> tuple[float, torch.Tensor]:
+        torch.manual_seed(0)
+        model, criterion, _ = build_model("box_refine", num_classes=5, backbone="resnet18", hidden_dim=32, nheads=4,
+                                          enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=10,
+                                          dropout=0.0, msda_backend=backend)
+        generator = torch.Generator().manual_seed(1)
+        images = torch.randn(2, 3, 96, 128, generator=generator)
+        mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+        targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.1]]),
+                    "labels": torch.tensor([1, 3])} for _ in range(2)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            outputs = model(images, mask)
+        outputs = {"pred_logits": outputs["pred_logits"].float(), "pred_boxes": outputs["pred_boxes"].float(),
+                   "aux_outputs": [{k: v.float() for k, v in aux.items()} for aux in outputs["aux_outputs"]]}
+        loss = criterion.total_loss(criterion(outputs, targets))
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+
+    loss32, grads32 = step(False)
+    loss16, grads16 = step(True)
+    assert abs(loss16 - loss32) <= 3e-3 * abs(loss32)
+    assert (grads16 - grads32).norm() <= 0.12 * grads32.norm()

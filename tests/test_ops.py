@@ -463,20 +463,62 @@ def test_no_queries_gives_empty_results(backend):
     assert grad_weights.shape == inputs.attention_weights.shape
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_runs_in_float32(backend):
-    """Under autocast (bfloat16) a bfloat16 value and float32 locations/weights (what MSDeformAttn produces) run in
-    float32 and give a float32 output: exactly the float32 op on the up-cast value."""
+def test_autocast_reads_value_in_half_and_keeps_locations_and_weights_in_float32(backend, half):
+    """Under autocast a float32 value (or one already in the autocast dtype, as value_proj gives it) is read in the
+    autocast dtype, the float32 locations and weights stay float32, accumulation is float32 and the output is in the
+    autocast dtype: the float32 op on the rounded value, rounded once. Gradients come back in each input's dtype."""
     device = DEVICES[backend]
     inputs = make_inputs(SMALL, device=device)
-    value_bf16 = inputs.value.bfloat16()
-    args = (inputs.spatial_shapes, None, inputs.sampling_locations, inputs.attention_weights)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        output = ms_deform_attn(value_bf16, *args, backend=backend)
-    assert output.dtype == torch.float32
-    assert torch.equal(output, ms_deform_attn(value_bf16.float(), *args, backend=backend))
-    expected = oracle(inputs._replace(value=value_bf16))[0]
-    assert_close("autocast output", output, expected, TOLERANCE[backend, torch.float32])
+    value = inputs.value.clone().requires_grad_(True)
+    locations = inputs.sampling_locations.clone().requires_grad_(True)
+    weights = inputs.attention_weights.clone().requires_grad_(True)
+    with torch.autocast(device.type, dtype=half):
+        output = ms_deform_attn(value, inputs.spatial_shapes, None, locations, weights, backend=backend)
+        again = ms_deform_attn(value.detach().to(half), inputs.spatial_shapes, None, locations.detach(),
+                               weights.detach(), backend=backend)
+    assert output.dtype == again.dtype == half
+    assert torch.equal(output, again)  # a value already in the autocast dtype gives the same
+    rounded_value = inputs.value.to(half).double()
+    expected = oracle(inputs._replace(value=rounded_value.to(inputs.value.dtype)))[0]
+    assert_close("autocast output", output, expected, TOLERANCE[backend, half])
+    # Against float32 throughout: the value's rounding (half a unit in the last place) plus the output's (half a unit;
+    # a whole one in Triton's interpreter, which truncates): 2**-9 + 2**-8 = 5.9e-3 (bfloat16), 2**-12 + 2**-11 =
+    # 7.3e-4 (float16); the weights sum to less than 1. Measured: 4.2e-3 and 3.9e-4.
+    bound = {torch.bfloat16: 6e-3, torch.float16: 8e-4}[half]
+    assert_close("autocast output vs float32", output, oracle(inputs)[0], bound)
+    output.float().backward(inputs.grad_output.float())
+    assert value.grad.dtype == locations.grad.dtype == weights.grad.dtype == torch.float32
+    assert torch.isfinite(locations.grad).all() and locations.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_half_value_is_read_as_it_is_with_float32_locations(backend, half):
+    """Without autocast: a half value with float32 locations and weights (the mixed signature) runs as is; half
+    locations and weights are up-cast to float32 first (rounded to half they would be half a pixel off)."""
+    device = DEVICES[backend]
+    inputs = make_inputs(SMALL, device=device)
+    args = (inputs.spatial_shapes, None)
+    value = inputs.value.to(half)
+    mixed = ms_deform_attn(value, *args, inputs.sampling_locations, inputs.attention_weights, backend=backend)
+    assert mixed.dtype == half
+    expected = oracle(inputs._replace(value=value.to(inputs.value.dtype)))[0]
+    assert_close("mixed output", mixed, expected, TOLERANCE[backend, half])
+    all_half = ms_deform_attn(value, *args, inputs.sampling_locations.to(half), inputs.attention_weights.to(half),
+                              backend=backend)
+    from_float = ms_deform_attn(value, *args, inputs.sampling_locations.to(half).float(),
+                                inputs.attention_weights.to(half).float(), backend=backend)
+    assert torch.equal(all_half, from_float)
+
+
+def test_locations_of_another_dtype_than_a_full_precision_value_are_refused():
+    inputs = make_inputs(SMALL, torch.float64)
+    with pytest.raises(ValueError, match="sampling_locations has dtype torch.float32, value has torch.float64; they "
+                                         "must agree"):
+        ms_deform_attn(inputs.value, inputs.spatial_shapes, None, inputs.sampling_locations.float(),
+                       inputs.attention_weights, backend="reference")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])  # Triton's interpreter would take minutes

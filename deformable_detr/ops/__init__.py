@@ -24,12 +24,18 @@ waits for the device. The custom ops' backward is not itself differentiable (no 
 ``reference`` for that). The caller's ``level_start_index`` is checked for shape only; every backend derives the
 level starts from ``spatial_shapes``, so they cannot disagree with it.
 
-Autocast policy: when autocast is enabled for ``value``'s device type, float16 / bfloat16 inputs are cast to float32,
-the op runs with autocast off, and the output is float32, whatever the backend. In the model the sampling locations
-are float32 anyway (float32 reference points plus offsets) and autocast runs ``F.grid_sample`` in its widest input
-dtype (float32 on CPU in any case), so this is what the reference did there already, made explicit. Half precision
-would cost accuracy where it hurts: a bfloat16 location has 8 significant bits, half a pixel on a 134-pixel-wide map.
-float32 and float64 inputs are left as they are (autocast never down-casts them).
+Precision policy: ``value`` is read in its own dtype and the sampling locations and attention weights in float32
+(or float64), never in half precision: a bfloat16 location has 8 significant bits, half a pixel on a 134-pixel-wide
+map. Every backend accumulates in float32 (float64 for float64) and returns ``value``'s dtype.
+
+* Under autocast (enabled for ``value``'s device type, with a float16 / bfloat16 autocast dtype): a float32 or half
+  ``value`` is cast to the autocast dtype (in the model it already is: ``value_proj`` runs under autocast), half
+  locations and weights are cast to float32, the op runs with autocast off, and the output is in the autocast dtype.
+  The largest memory stream, the gathered value features, is then half the bytes; ``triton`` reads it as it is,
+  ``cpu`` and ``reference`` compute on a float32 copy (the Numba kernels and ``grid_sample`` want one dtype).
+* Without autocast, a float16 / bfloat16 ``value`` is handled the same way (half locations and weights up-cast).
+* float32 and float64 inputs are left as they are (autocast never down-casts float64); then the three must agree.
+The casts are ordinary autograd ops, so each gradient comes back in its input's dtype.
 """
 
 from __future__ import annotations
@@ -99,8 +105,9 @@ def _check_inputs(
             f"{expected_weights}, got {tuple(attention_weights.shape)}"
         )
     for name, tensor in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
-        if tensor.dtype != value.dtype:
-            raise ValueError(f"{name} has dtype {tensor.dtype}, value has {value.dtype}; they must agree")
+        if tensor.dtype != value.dtype and not (value.dtype in _HALF_DTYPES and tensor.dtype == torch.float32):
+            raise ValueError(f"{name} has dtype {tensor.dtype}, value has {value.dtype}; they must agree (or be "
+                             "float32 with a float16 / bfloat16 value)")
         if tensor.device != value.device:
             raise ValueError(f"{name} is on {tensor.device}, value on {value.device}; they must agree")
     if level_start_index is not None and level_start_index.shape != (num_levels,):
@@ -130,35 +137,36 @@ def ms_deform_attn(
         backend: ``"auto"`` or one of ``BACKENDS`` (see the module docstring).
 
     Returns:
-        (batch, num_queries, num_heads * head_dim), dtype of ``value`` (float32 under autocast for half inputs).
+        (batch, num_queries, num_heads * head_dim), dtype of ``value`` (under autocast: the autocast dtype).
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown MSDA backend {backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
     device_type = value.device.type
     if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        value, sampling_locations, attention_weights = (
-            tensor.float() if tensor.dtype in _HALF_DTYPES else tensor
-            for tensor in (value, sampling_locations, attention_weights)
-        )
+        half = torch.get_autocast_dtype(device_type)
+        if half in _HALF_DTYPES and value.dtype in (torch.float32, *_HALF_DTYPES):
+            value = value.to(half)
         with torch.autocast(device_type, enabled=False):
             return ms_deform_attn(
                 value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend=backend
             )
+    if value.dtype in _HALF_DTYPES:
+        # Locations and weights in float32 (see the precision policy in the module docstring).
+        sampling_locations, attention_weights = sampling_locations.float(), attention_weights.float()
     shapes = _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     chosen = _resolve_backend(backend, value.device)
-    if chosen == "reference":
-        return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
-    flat_shapes = [size for height_width in shapes for size in height_width]
-    if chosen == "triton":
+    if chosen == "triton":  # reads a half value as it is, accumulates in float32
         return torch.ops.deformable_detr.ms_deform_attn_triton(
-            value, flat_shapes, sampling_locations, attention_weights
+            value, [size for height_width in shapes for size in height_width], sampling_locations, attention_weights
         )
-    if value.dtype in (torch.float32, torch.float64):
-        return torch.ops.deformable_detr.ms_deform_attn_cpu(value, flat_shapes, sampling_locations, attention_weights)
-    # The Numba kernels exist for float32 and float64 only: other float dtypes go through float32.
-    output = torch.ops.deformable_detr.ms_deform_attn_cpu(
-        value.float(), flat_shapes, sampling_locations.float(), attention_weights.float()
-    )
+    # grid_sample and the Numba kernels (float32 / float64 only) want one dtype: a half value goes through float32.
+    compute = value.float() if value.dtype in _HALF_DTYPES else value
+    if chosen == "reference":
+        output = ms_deform_attn_reference(compute, shapes, sampling_locations, attention_weights)
+    else:
+        output = torch.ops.deformable_detr.ms_deform_attn_cpu(
+            compute, [size for height_width in shapes for size in height_width], sampling_locations, attention_weights
+        )
     return output.to(value.dtype)
 
 

@@ -291,8 +291,9 @@ def msda_forward(
         value: (batch, sum(H_l * W_l), num_heads, head_dim), float16 / bfloat16 / float32 / float64.
         spatial_shapes: (num_levels, 2) integer (H_l, W_l), on value's device (read by the kernel: no host sync).
         level_start_index: (num_levels,) integer offset of each level on dim 1 of ``value``, on value's device.
-        sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2) normalised (x, y), value's dtype.
-        attention_weights: (batch, num_queries, num_heads, num_levels, num_points), value's dtype.
+        sampling_locations: (batch, num_queries, num_heads, num_levels, num_points, 2) normalised (x, y), value's dtype
+            or float32 (with a half value: the precision policy of ``deformable_detr.ops``).
+        attention_weights: (batch, num_queries, num_heads, num_levels, num_points), as sampling_locations.
 
     Returns:
         (batch, num_queries, num_heads * head_dim) in value's dtype, accumulated in float32 (float64 for float64).
