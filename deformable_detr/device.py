@@ -1,8 +1,10 @@
-"""The torch device a run uses: ``auto`` is the fastest one this machine has."""
+"""The torch device a run uses (``auto`` is the fastest one this machine has), and host data sent to it without
+waiting."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -17,3 +19,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: CUDA is not available on this machine (use --device cpu, or auto)")
     return resolved
+
+
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without the host waiting: a copy from pageable memory blocks until the device has
+    caught up, one from pinned memory is queued on the current stream (PyTorch's pinned-memory cache keeps the
+    buffer until the copy is done). On the CPU, the tensor itself."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

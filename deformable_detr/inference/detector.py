@@ -244,9 +244,12 @@ class Detector:
         """Pads ``prepared`` images into one batch, runs the model and post-processing."""
         threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
         images, mask = batch_images([p.image for p in prepared])
+        if self.device.type == "cuda":  # pinned, so that the copies below do not wait for the device
+            images, mask = images.pin_memory(), mask.pin_memory()
         images = images.to(self.device, torch.float64 if self.dtype == torch.float64 else torch.float32,
-                           memory_format=torch.channels_last if self.optimized else torch.contiguous_format)
-        mask = mask.to(self.device)
+                           memory_format=torch.channels_last if self.optimized else torch.contiguous_format,
+                           non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
         recorder = SamplingPointRecorder(self.model) if sampling_points else contextlib.nullcontext()
         try:
             with recorder, self._autocast():
@@ -259,14 +262,24 @@ class Detector:
                     f"{self.max_size})") from error
             raise
         logits, boxes = outputs.pred_logits.float(), outputs.pred_boxes.float()
-        sizes = torch.tensor([p.original_size for p in prepared], device=self.device)
+        sizes = torch.tensor([p.original_size for p in prepared])
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the device
+            sizes = sizes.pin_memory()
+        sizes = sizes.to(self.device, non_blocking=True)
         # (B, k) each, boxes (B, k, 4)
-        scores, labels, detection_boxes, query_indices = decode_detections(logits, boxes, sizes, self.num_detections)
+        decoded = decode_detections(logits, boxes, sizes, self.num_detections)
+        # One device -> host transfer for everything (float64 holds the float32 values and the int64 indices, which
+        # are below 2^53, exactly), then the threshold on the host: a boolean mask on the device would wait per use.
+        scores, labels, detection_boxes, query_indices = decoded
+        host = torch.cat([t.to(torch.float64) for t in (scores[..., None], labels[..., None], detection_boxes,
+                                                         query_indices[..., None])], -1).cpu()  # (B, k, 7)
+        scores, labels = host[..., 0].to(scores.dtype), host[..., 1].to(torch.int64)
+        detection_boxes, query_indices = host[..., 2:6].to(detection_boxes.dtype), host[..., 6].to(torch.int64)
         record = recorder.pop() if sampling_points else None
         results = []
         for index, item in enumerate(prepared):
             keep = scores[index] >= threshold
-            kept_labels = labels[index][keep].cpu()
+            kept_labels = labels[index][keep]
             points = None
             if record is not None:
                 height, width = item.original_size
@@ -274,9 +287,9 @@ class Detector:
                 query_boxes = box_cxcywh_to_xyxy(boxes[index]).cpu() * scale
                 points = to_image_pixels(record, index, tuple(images.shape[-2:]), tuple(item.image.shape[-2:]),
                                          item.original_size, query_boxes, logits[index].sigmoid().cpu())
-            results.append(Detections(detection_boxes[index][keep].cpu(), scores[index][keep].cpu(), kept_labels,
+            results.append(Detections(detection_boxes[index][keep], scores[index][keep], kept_labels,
                                       [self.label_name(label) for label in kept_labels.tolist()],
-                                      query_indices[index][keep].cpu(), item.original_size, points))
+                                      query_indices[index][keep], item.original_size, points))
         return results
 
     def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float | None = None,

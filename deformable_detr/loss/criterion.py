@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deformable_detr.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from deformable_detr.device import upload
 from deformable_detr.loss.matcher import HungarianMatcher
 
 LOSSES = ("labels", "boxes", "cardinality")
 
 
-def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25,
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float | Tensor, alpha: float = 0.25,
                        gamma: float = 2.0) -> Tensor:
     """Focal loss (Lin et al. 2017, eq. 5) on independent sigmoid classes.
 
@@ -27,7 +28,18 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha:
     if alpha >= 0:
         alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
         loss = alpha_t * loss
-    return loss.mean(1).sum() / num_boxes
+    return per_box(loss.mean(1).sum(), num_boxes)
+
+
+def per_box(total: Tensor, num_boxes: float | Tensor) -> Tensor:
+    """``total / num_boxes`` with the official rounding when ``num_boxes`` stays on the device (distributed runs).
+
+    The official code divides by a host float, which CUDA computes as ``total * (1 / num_boxes)`` (its division by
+    a host scalar multiplies by the reciprocal), the CPU as a true division: the same here for a device tensor.
+    """
+    if isinstance(num_boxes, Tensor) and total.device.type == "cuda":
+        return total * num_boxes.reciprocal()
+    return total / num_boxes
 
 
 class SetCriterion(nn.Module):
@@ -58,7 +70,7 @@ class SetCriterion(nn.Module):
         query_index = torch.cat([src for src, _ in indices])
         return batch_index, query_index
 
-    def loss_labels(self, outputs, targets, indices, num_boxes: float, log: bool = True) -> dict[str, Tensor]:
+    def loss_labels(self, outputs, targets, indices, num_boxes: float | Tensor, log: bool = True) -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
         index = self._prediction_index(indices)
         matched_labels = torch.cat([t["labels"][target] for t, (_, target) in zip(targets, indices)])
@@ -77,24 +89,26 @@ class SetCriterion(nn.Module):
         return losses
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, indices, num_boxes: float) -> dict[str, Tensor]:
+    def loss_cardinality(self, outputs, targets, indices, num_boxes: float | Tensor) -> dict[str, Tensor]:
         """Logging only: |#predictions whose argmax is not the last class - #targets|, averaged over images.
         (A convention inherited from DETR's "no object" class; with sigmoid classes it is about |Q - n_b|.)"""
         logits = outputs["pred_logits"]
-        target_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        # (batch,) written on the device, one fill each, rather than copied from a host list (which waits)
+        target_lengths = torch.stack([torch.full((), len(t["labels"]), device=logits.device) for t in targets])
         predicted_count = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(predicted_count.float(), target_lengths.float())}
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes: float) -> dict[str, Tensor]:
+    def loss_boxes(self, outputs, targets, indices, num_boxes: float | Tensor) -> dict[str, Tensor]:
         index = self._prediction_index(indices)
         predicted = outputs["pred_boxes"][index]
         target_boxes = torch.cat([t["boxes"][target] for t, (_, target) in zip(targets, indices)], dim=0)
         target_boxes = target_boxes.to(predicted)
         loss_bbox = F.l1_loss(predicted, target_boxes, reduction="none")
         loss_giou = 1 - elementwise_generalized_box_iou(box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(target_boxes))
-        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
+        return {"loss_bbox": per_box(loss_bbox.sum(), num_boxes), "loss_giou": per_box(loss_giou.sum(), num_boxes)}
 
-    def _losses_for(self, outputs, targets, indices, num_boxes: float, log_class_error: bool) -> dict[str, Tensor]:
+    def _losses_for(self, outputs, targets, indices, num_boxes: float | Tensor, log_class_error: bool
+                    ) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         for name in self.losses:
             if name == "labels":
@@ -106,14 +120,20 @@ class SetCriterion(nn.Module):
         return losses
 
     @staticmethod
-    def average_num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
-        """Number of target boxes per process, averaged over all processes, at least 1 (the loss normaliser)."""
-        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        world_size = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_boxes)
-            world_size = dist.get_world_size()
-        return torch.clamp(num_boxes / world_size, min=1).item()
+    def average_num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float | Tensor:
+        """Number of target boxes per process, averaged over all processes, at least 1 (the loss normaliser).
+
+        A Python float in a single process (the count is known on the host). Distributed, the 0-dim float32 tensor
+        that the all-reduce leaves on ``device``, not read back (the official code's ``.item()`` would wait for the
+        device); :func:`per_box` divides by it as the official code divides by the value read.
+        """
+        count = float(sum(len(t["labels"]) for t in targets))
+        if not (dist.is_available() and dist.is_initialized()):
+            return max(count, 1.0)
+        # torch.full writes the value on the device: no host -> device copy.
+        num_boxes = torch.full((1,), count, dtype=torch.float32, device=device)
+        dist.all_reduce(num_boxes)
+        return torch.clamp(num_boxes / dist.get_world_size(), min=1)[0]
 
     def forward(self, outputs, targets: list[dict[str, Tensor]], return_indices: bool = False):
         """
@@ -123,43 +143,57 @@ class SetCriterion(nn.Module):
             return_indices: also return the matcher's indices, {"final": ..., "aux": [...], "enc": ...}.
 
         Returns:
-            dict name -> scalar tensor (and the indices when asked).
+            dict name -> scalar tensor (and the indices when asked, on the CPU).
+
+        The host waits for the device once: the matcher reads the cost matrices of every decoder layer and of the
+        encoder proposals in one transfer (it also checks the labels' range there); the assignments go back in one
+        non-blocking copy.
         """
         for b, target in enumerate(targets):
             labels, boxes = target["labels"], target["boxes"]
             if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
                 raise ValueError(f"targets[{b}]: expected boxes (n, 4) and labels (n,), got "
                                  f"{tuple(boxes.shape)} and {tuple(labels.shape)}")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"targets[{b}]['labels'] must be in [0, {self.num_classes}), "
-                                 f"got values in [{int(labels.min())}, {int(labels.max())}]")
         main_outputs = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
         device = main_outputs["pred_logits"].device
         num_boxes = self.average_num_boxes(targets, device)
 
-        all_indices: dict = {}
-        indices = self.matcher(main_outputs, targets)
-        all_indices["final"] = indices
-        losses = self._losses_for(main_outputs, targets, indices, num_boxes, log_class_error=True)
-
-        all_indices["aux"] = []
+        # (name, outputs, targets, log_class_error) in the official order of the loss dict
+        layers = [("", main_outputs, targets, True)]
         for layer, aux_outputs in enumerate(outputs["aux_outputs"] if "aux_outputs" in outputs else []):
-            indices = self.matcher(aux_outputs, targets)
-            all_indices["aux"].append(indices)
-            layer_losses = self._losses_for(aux_outputs, targets, indices, num_boxes, log_class_error=False)
-            losses.update({f"{k}_{layer}": v for k, v in layer_losses.items()})
-
+            layers.append((f"_{layer}", aux_outputs, targets, False))
         if "enc_outputs" in outputs and outputs["enc_outputs"] is not None:
             # The proposals are trained class-agnostically: every target becomes class 0.
             binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            indices = self.matcher(outputs["enc_outputs"], binary_targets)
-            all_indices["enc"] = indices
-            enc_losses = self._losses_for(outputs["enc_outputs"], binary_targets, indices, num_boxes,
-                                          log_class_error=False)
-            losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
+            layers.append(("_enc", outputs["enc_outputs"], binary_targets, False))
+        host_indices = self.matcher.match_layers([(layer_outputs, layer_targets)
+                                                  for _, layer_outputs, layer_targets, _ in layers])
+        device_indices = self._upload_indices(host_indices, device)
+
+        losses: dict[str, Tensor] = {}
+        for (suffix, layer_outputs, layer_targets, log_class_error), indices in zip(layers, device_indices):
+            layer_losses = self._losses_for(layer_outputs, layer_targets, indices, num_boxes, log_class_error)
+            losses.update({f"{k}{suffix}": v for k, v in layer_losses.items()})
         if return_indices:
+            all_indices = {"final": host_indices[0],
+                           "aux": host_indices[1:len(layers) - (1 if layers[-1][0] == "_enc" else 0)]}
+            if layers[-1][0] == "_enc":
+                all_indices["enc"] = host_indices[-1]
             return losses, all_indices
         return losses
+
+    @staticmethod
+    def _upload_indices(host_indices: list[list[tuple[Tensor, Tensor]]], device: torch.device
+                        ) -> list[list[tuple[Tensor, Tensor]]]:
+        """The matcher's host indices (per layer, per image (queries, targets)) on ``device``, in one copy."""
+        flat = [index for layer in host_indices for pair in layer for index in pair]
+        on_device = upload(torch.cat(flat), device).split([len(index) for index in flat])
+        per_layer, position = [], 0
+        for layer in host_indices:
+            per_layer.append([(on_device[position + 2 * b], on_device[position + 2 * b + 1])
+                              for b in range(len(layer))])
+            position += 2 * len(layer)
+        return per_layer
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
         """The weighted sum that training minimises, in the loss dict's order (as the official engine does)."""

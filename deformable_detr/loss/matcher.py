@@ -6,7 +6,21 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from deformable_detr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from deformable_detr.box_ops import box_cxcywh_to_xyxy, box_iou
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+def _pairwise_giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """``box_ops.generalized_box_iou`` (the same operations, so the same numbers) without its box checks, which read
+    device values: (N, 4), (M, 4) xyxy -> (N, M). The matcher checks on the host copy instead: non-finite costs (the
+    predictions) and boxes with a negative side (the targets)."""
+    iou, union = box_iou(boxes1, boxes2)
+    top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
+    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    enclosing_area = wh[..., 0] * wh[..., 1]
+    return iou - (enclosing_area - union) / enclosing_area
 
 
 class HungarianMatcher(nn.Module):
@@ -14,6 +28,10 @@ class HungarianMatcher(nn.Module):
 
     The class cost is the focal loss of "positive" minus that of "negative" for the target class, with
     alpha = 0.25 and gamma = 2 fixed (as in the official code, whatever the criterion's focal_alpha).
+
+    The assignment runs on the host (scipy). :meth:`match_layers` matches several prediction sets (the decoder
+    layers, the encoder proposals) with ONE device-to-host transfer of all their cost matrices, the only point where
+    a training step waits for the device before the loss is read.
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
@@ -25,6 +43,81 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     @torch.no_grad()
+    def cost_matrix(self, outputs, targets: list[dict[str, Tensor]]) -> Tensor:
+        """The costs of every (query, target) pair of the batch, on the outputs' device (no transfer).
+
+        Args:
+            outputs: ``pred_logits`` (batch, Q, C) and ``pred_boxes`` (batch, Q, 4) cxcywh.
+            targets: per image ``labels`` (n_b,) int64 in [0, C) and ``boxes`` (n_b, 4) normalised cxcywh.
+
+        Returns:
+            (batch, Q, sum n_b): image b's (Q, n_b) matrix is its columns ``sum n_<b`` to ``sum n_<=b``.
+        """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        batch, num_queries, num_classes = logits.shape
+        if len(targets) != batch:
+            raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
+        # (batch*Q, C), (batch*Q, 4)
+        probabilities = logits.flatten(0, 1).sigmoid()
+        out_boxes = boxes.flatten(0, 1)
+        # Clamped so that a label out of range cannot fail the gather on the device (an asynchronous error that
+        # ends the process) before the host sees the range check of :meth:`match_layers`; valid labels are unchanged.
+        target_labels = torch.cat([t["labels"] for t in targets]).clamp(0, num_classes - 1)
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(out_boxes.dtype)
+
+        alpha, gamma = 0.25, 2.0
+        negative_cost = (1 - alpha) * (probabilities**gamma) * (-(1 - probabilities + 1e-8).log())
+        positive_cost = alpha * ((1 - probabilities) ** gamma) * (-(probabilities + 1e-8).log())
+        cost_class = positive_cost[:, target_labels] - negative_cost[:, target_labels]
+        cost_bbox = torch.cdist(out_boxes, target_boxes, p=1)
+        cost_giou = -_pairwise_giou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(target_boxes))
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        return cost.view(batch, num_queries, -1)
+
+    @torch.no_grad()
+    def host_cost_matrices(self, layers: list[tuple[object, list[dict[str, Tensor]]]]) -> list[list[Tensor]]:
+        """The cost matrices of several (outputs, targets) pairs, moved to the host in one transfer.
+
+        Also checks, on the host copy, that every target label is in [0, C) and every target box has sides >= 0
+        (ValueError naming the image) and that the costs are finite (FloatingPointError: the predictions are not).
+
+        Returns:
+            per pair, per image the (Q, n_b) cost matrix on the CPU, in the dtype the device computed it in.
+        """
+        device_costs, label_flags = [], []
+        for outputs, targets in layers:
+            cost = self.cost_matrix(outputs, targets)
+            num_classes = outputs["pred_logits"].shape[-1]
+            # Per image: is a label outside [0, C), is a box side negative (or nan)? Read with the costs: no extra wait.
+            label_flags += [torch.stack([((t["labels"] < 0) | (t["labels"] >= num_classes)).any(),
+                                         ~(t["boxes"][:, 2:] >= 0).all()]).to(cost.dtype) for t in targets]
+            device_costs.append(cost)
+        flags = torch.stack(label_flags)  # (images of all pairs, 2)
+        host = torch.cat([c.flatten() for c in device_costs] + [flags.flatten()]).cpu()  # the one transfer
+        host_costs = host[:-flags.numel()].split([c.numel() for c in device_costs])
+        flags = host[-flags.numel():].view(flags.shape)
+        flag_index = 0
+        per_layer = []
+        for (outputs, targets), device_cost, host_cost in zip(layers, device_costs, host_costs):
+            num_classes = outputs["pred_logits"].shape[-1]
+            for b, target in enumerate(targets):
+                bad_label, bad_box = flags[flag_index + b].tolist()  # the host copy: no device wait
+                if bad_label:
+                    labels = target["labels"]
+                    raise ValueError(f"targets[{b}]['labels'] must be in [0, {num_classes}), got values in "
+                                     f"[{int(labels.min())}, {int(labels.max())}]")
+                if bad_box:
+                    raise ValueError(f"targets[{b}]['boxes'] has a box with a negative (or nan) width or height "
+                                     "(expected normalised cxcywh boxes)")
+            flag_index += len(targets)
+            if not torch.isfinite(host_cost).all():
+                raise FloatingPointError("matching costs are nan or inf: the predictions are not finite")
+            sizes = [len(t["boxes"]) for t in targets]
+            host_cost = host_cost.to(device_cost.dtype).view(device_cost.shape)  # (batch, Q, sum n_b)
+            per_layer.append([c[b] for b, c in enumerate(host_cost.split(sizes, -1))])
+        return per_layer
+
+    @torch.no_grad()
     def cost_matrices(self, outputs, targets: list[dict[str, Tensor]]) -> list[Tensor]:
         """
         Args:
@@ -34,35 +127,23 @@ class HungarianMatcher(nn.Module):
         Returns:
             per image the (Q, n_b) cost matrix, on the CPU.
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        batch, num_queries = logits.shape[:2]
-        if len(targets) != batch:
-            raise ValueError(f"got {len(targets)} targets for a batch of {batch} images")
-        # (batch*Q, C), (batch*Q, 4)
-        probabilities = logits.flatten(0, 1).sigmoid()
-        out_boxes = boxes.flatten(0, 1)
-        target_labels = torch.cat([t["labels"] for t in targets])
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(out_boxes.dtype)
-
-        alpha, gamma = 0.25, 2.0
-        negative_cost = (1 - alpha) * (probabilities**gamma) * (-(1 - probabilities + 1e-8).log())
-        positive_cost = alpha * ((1 - probabilities) ** gamma) * (-(probabilities + 1e-8).log())
-        cost_class = positive_cost[:, target_labels] - negative_cost[:, target_labels]
-        cost_bbox = torch.cdist(out_boxes, target_boxes, p=1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(target_boxes))
-        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        # (batch, Q, sum n_b) -> per image (Q, n_b)
-        cost = cost.view(batch, num_queries, -1).cpu()
-        if not torch.isfinite(cost).all():  # on the CPU copy: no extra device synchronisation
-            raise FloatingPointError("matching costs are nan or inf: the predictions are not finite")
-        sizes = [len(t["boxes"]) for t in targets]
-        return [c[b] for b, c in enumerate(cost.split(sizes, -1))]
+        return self.host_cost_matrices([(outputs, targets)])[0]
 
     @torch.no_grad()
-    def forward(self, outputs, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        """Per image (query indices, target indices), int64, each of length min(Q, n_b), sorted by query."""
+    def match_layers(self, layers: list[tuple[object, list[dict[str, Tensor]]]]) -> list[Indices]:
+        """:meth:`forward` for several (outputs, targets) pairs with one device -> host transfer for all of them.
+        Returns, per pair, what :meth:`forward` returns (host tensors)."""
         indices = []
-        for cost in self.cost_matrices(outputs, targets):
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        for costs in self.host_cost_matrices(layers):
+            pairs = []
+            for cost in costs:
+                rows, cols = linear_sum_assignment(cost.numpy())
+                pairs.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            indices.append(pairs)
         return indices
+
+    @torch.no_grad()
+    def forward(self, outputs, targets: list[dict[str, Tensor]]) -> Indices:
+        """Per image (query indices, target indices), int64 on the CPU, each of length min(Q, n_b), sorted by
+        query."""
+        return self.match_layers([(outputs, targets)])[0]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deformable_detr.device import upload
 from deformable_detr.ops import ms_deform_attn
 
 
@@ -96,8 +97,8 @@ class MSDeformAttn(nn.Module):
         )
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalise by (W_l, H_l).
-            offset_normalizer = torch.tensor(
-                [[width, height] for height, width in spatial_shapes], dtype=query.dtype, device=query.device
+            offset_normalizer = upload(
+                torch.tensor([[width, height] for height, width in spatial_shapes], dtype=query.dtype), query.device
             )
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from deformable_detr.device import upload
 from deformable_detr.model.ms_deform_attn import MSDeformAttn
 from deformable_detr.ops import level_start_index_of
 
@@ -320,6 +321,7 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (num_queries, 2 * d_model) is required unless two_stage")
+        # Python ints from the shapes: the ops read them on the host, no device value is read back.
         spatial_shapes = [(int(src.shape[2]), int(src.shape[3])) for src in srcs]
         # (batch, S, d_model), levels concatenated
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
@@ -328,7 +330,7 @@ class DeformableTransformer(nn.Module):
             pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
             for level, pos in enumerate(pos_embeds)
         ], 1)
-        level_start_index = level_start_index_of(spatial_shapes, src_flatten.device)
+        level_start_index = upload(level_start_index_of(spatial_shapes), src_flatten.device)
         # (batch, num_levels, 2)
         valid_ratios = torch.stack([self.valid_ratio(mask) for mask in masks], 1)
 

@@ -117,11 +117,12 @@ def _loss_logs(criterion: SetCriterion, losses: dict[str, Tensor]) -> tuple[floa
     ``class_error``; averaged over processes."""
     reduced = reduce_dict(losses)
     scaled = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
-    total = sum(scaled.values()).item()
-    logs = {k: v.item() for k, v in scaled.items()}
-    logs.update({f"{k}_unscaled": v.item() for k, v in reduced.items()})
-    logs["class_error"] = reduced["class_error"].item()
-    return total, logs
+    total = sum(scaled.values())
+    # One read of everything (each value as its own .item() would give it), not one device wait per term.
+    names = ["loss", *scaled, *(f"{k}_unscaled" for k in reduced), "class_error"]
+    values = torch.stack([total, *scaled.values(), *reduced.values(), reduced["class_error"]]).float().tolist()
+    logs = dict(zip(names, values))
+    return logs.pop("loss"), logs
 
 
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iterable, optimizer: torch.optim.Optimizer,
