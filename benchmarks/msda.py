@@ -51,15 +51,17 @@ SHAPES = ("encoder", "decoder")
 MODES = ("forward", "forward_backward")
 
 
-def make_inputs(shape: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+def make_inputs(shape: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                spatial_shapes: list[tuple[int, int]] = SPATIAL_SHAPES) -> dict:
     """value (batch, S, 8, 32), sampling_locations (batch, Lq, 8, 4, 4, 2), attention_weights (batch, Lq, 8, 4, 4)
-    and grad_output (batch, Lq, 256), drawn on CPU from ``seed`` and moved to ``device``."""
+    and grad_output (batch, Lq, 256), drawn on CPU from ``seed`` and moved to ``device``. S = sum(H_l * W_l) over
+    ``spatial_shapes`` (smaller maps than the official ones make a quick run; pass the same shapes to ``run_once``)."""
     generator = torch.Generator().manual_seed(seed)
-    num_levels = len(SPATIAL_SHAPES)
-    num_values = sum(h * w for h, w in SPATIAL_SHAPES)
+    num_levels = len(spatial_shapes)
+    num_values = sum(h * w for h, w in spatial_shapes)
     if shape == "encoder":
         centres = []
-        for height, width in SPATIAL_SHAPES:
+        for height, width in spatial_shapes:
             ys, xs = torch.meshgrid(
                 (torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij"
             )
@@ -79,7 +81,7 @@ def make_inputs(shape: str, batch: int, device: torch.device, dtype: torch.dtype
     offsets = star[None, None, :, None] + torch.randn(
         batch, num_queries, NUM_HEADS, num_levels, NUM_POINTS, 2, generator=generator
     )
-    normaliser = torch.tensor([[w, h] for h, w in SPATIAL_SHAPES], dtype=torch.float32)
+    normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32)
     locations = reference[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
     logits = torch.randn(batch, num_queries, NUM_HEADS, num_levels * NUM_POINTS, generator=generator)
     weights = logits.softmax(-1).view(batch, num_queries, NUM_HEADS, num_levels, NUM_POINTS)
@@ -96,7 +98,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_once(inputs: dict, backend: str, mode: str) -> tuple:
+def run_once(inputs: dict, backend: str, mode: str, spatial_shapes: list[tuple[int, int]] = SPATIAL_SHAPES
+             ) -> tuple:
     """One forward (no autograd) or forward+backward; returns what it computed (kept alive by the caller)."""
     # Every backend derives the level starts from the shapes (level_start_index is only checked), and building the
     # tensor here would put a host-to-device copy into every timed CUDA call.
@@ -104,28 +107,29 @@ def run_once(inputs: dict, backend: str, mode: str) -> tuple:
     if mode == "forward":
         with torch.no_grad():
             output = ms_deform_attn(
-                inputs["value"], SPATIAL_SHAPES, level_start_index, inputs["sampling_locations"],
+                inputs["value"], spatial_shapes, level_start_index, inputs["sampling_locations"],
                 inputs["attention_weights"], backend=backend,
             )
         return (output,)
     names = ("value", "sampling_locations", "attention_weights")
     leaves = [inputs[name].detach().requires_grad_(True) for name in names]
-    output = ms_deform_attn(leaves[0], SPATIAL_SHAPES, level_start_index, leaves[1], leaves[2], backend=backend)
+    output = ms_deform_attn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2], backend=backend)
     grads = torch.autograd.grad(output, leaves, inputs["grad_output"])
     return (output, *grads)
 
 
-def time_backends(inputs: dict, backends: list[str], mode: str, repeats: int) -> dict[str, float]:
+def time_backends(inputs: dict, backends: list[str], mode: str, repeats: int,
+                  spatial_shapes: list[tuple[int, int]] = SPATIAL_SHAPES) -> dict[str, float]:
     """Median seconds per backend; the backends take turns in every repeat so that they share the machine's load."""
     device = inputs["value"].device
     for backend in backends:  # warm-up: JIT compilation or cache load, allocator, lazy imports
-        run_once(inputs, backend, mode)
+        run_once(inputs, backend, mode, spatial_shapes)
     times: dict[str, list[float]] = {backend: [] for backend in backends}
     for _ in range(repeats):
         for backend in backends:
             _synchronize(device)
             start = time.perf_counter()
-            run_once(inputs, backend, mode)
+            run_once(inputs, backend, mode, spatial_shapes)
             _synchronize(device)
             times[backend].append(time.perf_counter() - start)
     return {backend: statistics.median(samples) for backend, samples in times.items()}
@@ -166,13 +170,14 @@ def cpu_peak_memory(shape: str, batch: int, dtype: torch.dtype, backend: str, mo
     return int(completed.stdout.strip().splitlines()[-1])
 
 
-def cuda_peak_memory(inputs: dict, backend: str, mode: str) -> int:
+def cuda_peak_memory(inputs: dict, backend: str, mode: str, spatial_shapes: list[tuple[int, int]] = SPATIAL_SHAPES
+                     ) -> int:
     device = inputs["value"].device
-    run_once(inputs, backend, mode)
+    run_once(inputs, backend, mode, spatial_shapes)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    results = run_once(inputs, backend, mode)
+    results = run_once(inputs, backend, mode, spatial_shapes)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del results

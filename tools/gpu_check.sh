@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, in one run, each step under its own time limit so that one hang cannot eat
-# the rest: the environment, `ddetr verify` of every reference file with the Triton kernels and with the reference
-# backend on the GPU, the op tests with compiled (not interpreted) Triton kernels, the attention and training-step
-# benchmarks, and the demo (train, evaluate, predict) on the GPU. Everything goes to one log; the attention
-# benchmark also to msda.json.
+# the rest: the environment, the one-command GPU report (benchmarks/gpu.py: verify, the attention op, inference and
+# training speed; its table also to gpu.txt, its results to gpu.json), `ddetr verify` of every reference file with
+# the Triton kernels and with the reference backend on the GPU, the op tests with compiled (not interpreted) Triton
+# kernels, the attention and training-step benchmarks, and the demo (train, evaluate, predict) on the GPU.
+# Everything goes to one log; the attention benchmark also to msda.json.
 #
 #     bash tools/gpu_check.sh [OUTPUT_FOLDER]          # default: gpu_check (or $OUT where that is set)
 #     PYTHON=.venv/bin/python bash tools/gpu_check.sh
@@ -34,6 +35,8 @@ step() {  # step NAME SECONDS COMMAND...
 
 step environment 60 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+step gpu-report 540 bash -c "set -o pipefail; \"$py\" benchmarks/gpu.py --device cuda --json \"$out/gpu.json\" \
+| tee \"$out/gpu.txt\""
 step verify-triton 120 "$py" -m deformable_detr verify tests/reference --device cuda --backend triton
 step op-tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_ops.py -k triton
 step msda-benchmark 120 bash -c "\"$py\" benchmarks/msda.py --device cuda --backends triton --json > \"$out/msda.json\" \
