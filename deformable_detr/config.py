@@ -305,9 +305,9 @@ class DemoConfig:
 
     output_dir: str = "demo_output"
     """Dataset, checkpoints, log.txt and pictures go here."""
-    epochs: int = 10
+    epochs: int = 9
     """Training epochs."""
-    lr_drop: int = 8
+    lr_drop: int = 7
     """Divide the learning rates by 10 after this many epochs."""
     num_train: int = 1000
     """Synthetic training images."""

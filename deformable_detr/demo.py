@@ -20,9 +20,10 @@ from deformable_detr.training.plot import plot_logs
 from deformable_detr.training.train import train
 
 # The small configuration: a ResNet-18 (random weights: nothing can be downloaded here), a narrow, shallow
-# transformer with box refinement, and the sizes of the synthetic images.
+# transformer with box refinement, and the sizes of the synthetic images. No dropout: on this short schedule it
+# slowed learning (9 epochs without it: AP50 0.708, 10 with it: 0.691) and cost 6% of a step (its random masks).
 DEMO_MODEL = model_config("box_refine", backbone="resnet18", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
-                          dim_feedforward=256, num_queries=30)
+                          dim_feedforward=256, num_queries=30, dropout=0.0)
 # From scratch, the backbone learns at the transformer's rate (the official 0.1x assumes ImageNet weights).
 DEMO_TRAIN = TrainConfig(lr=2e-4, lr_backbone=2e-4, batch_size=8, pretrained_backbone="none")
 DEMO_DATA = DataConfig(train_scales=(112, 120, 128, 136, 144), crop_resize_sizes=(128,), crop_size=(96, 128),
