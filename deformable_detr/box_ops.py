@@ -50,6 +50,12 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """
     _check_xyxy(boxes1, "boxes1")
     _check_xyxy(boxes2, "boxes2")
+    return unchecked_generalized_box_iou(boxes1, boxes2)
+
+
+def unchecked_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """:func:`generalized_box_iou` without its box checks, which read device values (a host-device
+    synchronisation): for callers that check elsewhere, as the matcher does on its host copy of the costs."""
     iou, union = box_iou(boxes1, boxes2)
     top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])

@@ -6,21 +6,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from deformable_detr.box_ops import box_cxcywh_to_xyxy, box_iou
+from deformable_detr.box_ops import box_cxcywh_to_xyxy, unchecked_generalized_box_iou
 
 Indices = list[tuple[Tensor, Tensor]]
-
-
-def _pairwise_giou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """``box_ops.generalized_box_iou`` (the same operations, so the same numbers) without its box checks, which read
-    device values: (N, 4), (M, 4) xyxy -> (N, M). The matcher checks on the host copy instead: non-finite costs (the
-    predictions) and boxes with a negative side (the targets)."""
-    iou, union = box_iou(boxes1, boxes2)
-    top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
-    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    enclosing_area = wh[..., 0] * wh[..., 1]
-    return iou - (enclosing_area - union) / enclosing_area
 
 
 class HungarianMatcher(nn.Module):
@@ -70,7 +58,7 @@ class HungarianMatcher(nn.Module):
         positive_cost = alpha * ((1 - probabilities) ** gamma) * (-(probabilities + 1e-8).log())
         cost_class = positive_cost[:, target_labels] - negative_cost[:, target_labels]
         cost_bbox = torch.cdist(out_boxes, target_boxes, p=1)
-        cost_giou = -_pairwise_giou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(target_boxes))
+        cost_giou = -unchecked_generalized_box_iou(box_cxcywh_to_xyxy(out_boxes), box_cxcywh_to_xyxy(target_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         return cost.view(batch, num_queries, -1)
 
