@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from deformable_detr import build_model
 from deformable_detr.training.optimizer import build_optimizer
@@ -32,3 +35,37 @@ def test_groups_match_the_official_name_rules(variant):
         assert id(parameter) in by_group[expected], name
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(
         {id(p) for p in model.parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("sgd", [False, True])
+def test_the_fused_update_follows_torchs_reference_loop_and_shares_its_state_layout(sgd):
+    """build_optimizer picks torch's fused kernel on the CPU; after a few steps (and a state handed over from the
+    for-loop implementation half-way, as a checkpoint written before the switch would be) the parameters equal those
+    of torch's per-tensor for-loop optimizer to float32 rounding."""
+    torch.manual_seed(0)
+    model, _, _ = build_model("deformable_detr", num_classes=5, **SMALL)
+    reference_model = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    fused = build_optimizer(model, sgd=sgd)
+    assert all(group["fused"] for group in fused.param_groups)
+    # The deep copy keeps the parameter order: the same groups over the copy's parameters, same hyper-parameters.
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    reference_params = list(reference_model.parameters())
+    groups = [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}
+              | {"params": [reference_params[position[id(p)]] for p in g["params"]]} for g in fused.param_groups]
+    loop = (torch.optim.SGD(groups, foreach=False) if sgd else torch.optim.AdamW(groups, foreach=False))
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):
+        for p, q in zip(model.parameters(), reference_model.parameters()):
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=generator)
+                q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+        if step == 1:
+            fused.load_state_dict(copy.deepcopy(loop.state_dict()))  # as read from a checkpoint: own tensors
+            for p, q in zip(model.parameters(), reference_model.parameters()):
+                p.data.copy_(q.data)
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(model.parameters(), initial) if p.requires_grad)

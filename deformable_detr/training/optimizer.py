@@ -40,8 +40,20 @@ def parameter_groups(model: DeformableDETR, lr: float, lr_backbone: float, lr_li
 def build_optimizer(model: DeformableDETR, lr: float = 2e-4, lr_backbone: float = 2e-5,
                     lr_linear_proj_mult: float = 0.1, weight_decay: float = 1e-4, sgd: bool = False
                     ) -> torch.optim.Optimizer:
-    """AdamW (official default) or SGD with momentum 0.9 (``--sgd``) over :func:`parameter_groups`."""
+    """AdamW (official default) or SGD with momentum 0.9 (``--sgd``) over :func:`parameter_groups`.
+
+    The update is torch's fused kernel (one pass over all parameters) where the parameters live on a device that
+    has it: on the CPU the default for-loop AdamW took 56 ms per step for the demo model's 157 tensors, the fused
+    one 9 ms (``benchmarks/optimizer_step.py``). Same update rule, same state_dict layout, so checkpoints move
+    between the two freely.
+    """
     groups = parameter_groups(model, lr, lr_backbone, lr_linear_proj_mult)
+    fused = _fused_supported([p for group in groups for p in group["params"]])
     if sgd:
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """True when every parameter is a floating tensor on a CPU or CUDA device (the fused kernels' domain)."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
