@@ -185,6 +185,9 @@ class TrainConfig:
     """Mixed precision: bf16 or fp16 autocast (fp16 with a gradient scaler); default: float32."""
     seed: int = 42
     """Random seed (each epoch reseeds from seed, epoch and rank, so a resumed run replays an uninterrupted one)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms for the run, so that it repeats bit for bit on a GPU: the attention backward
+    sums in a fixed order instead of with atomic adds (slower), torch's ops use their deterministic kernels."""
     device: str = "auto"
     """Torch device; auto: cuda when available, else cpu (the official default is cuda)."""
     pretrained_backbone: str = "torchvision"

@@ -3,6 +3,10 @@ waiting."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -28,3 +32,27 @@ def upload(host: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Within the block, torch's ops use their deterministic kernels (``torch.use_deterministic_algorithms``), the
+    attention op's triton backward included (it then sums grad_value in a fixed order instead of with atomic adds),
+    so that a run on a GPU repeats bit for bit. An op without a deterministic kernel warns, naming itself, rather than
+    stopping the run (``warn_only``). The previous settings come back afterwards. ``enabled=False``: nothing changes.
+    """
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    # cuBLAS is deterministic only with a fixed workspace configuration (torch refuses matmuls otherwise); it is read
+    # when the first cuBLAS handle is created, so it stays set for the process.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]

@@ -655,6 +655,61 @@ def test_triton_several_query_blocks_with_a_partial_last_one(monkeypatch):
         assert_close(name, actual, expected, TOLERANCE["triton", torch.float32])
 
 
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test, restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize(("case", "dtype", "block_q"), [
+    (CASES[1], torch.float64, 64), (CASES[2], torch.float32, 64),
+    (Case(24, THREE_LEVELS, 2, 2, num_queries=11), torch.bfloat16, 4),
+], ids=["float64-8points", "float32-3batch", "bfloat16-3blocks"])
+def test_triton_deterministic_backward_matches_the_oracle(case, dtype, block_q, deterministic_algorithms, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) grad_value is summed from per-neighbour records in a fixed order
+    instead of with atomic adds: the same oracle and tolerances; the location and weight gradients are the same
+    bits as without it (in the last case several query blocks, as on a GPU)."""
+    from deformable_detr.ops import triton_kernels
+
+    calls = []
+    original = triton_kernels._gather_grad_value
+    monkeypatch.setattr(triton_kernels, "_gather_grad_value", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(triton_kernels, "_INTERPRETER_MAX_BLOCK_Q", block_q)
+    inputs = make_inputs(case, dtype, contiguous=False, device=DEVICES["triton"])
+    results = run("triton", inputs)
+    assert calls, "the deterministic gather did not run"
+    for name, actual, expected in zip(NAMES, results, oracle(inputs)):
+        assert_close(name, actual, expected, TOLERANCE["triton", dtype])
+    torch.use_deterministic_algorithms(False)
+    atomic = run("triton", inputs)
+    assert len(calls) == 1
+    assert torch.equal(results[2], atomic[2]) and torch.equal(results[3], atomic[3])
+
+
+def test_triton_deterministic_backward_adds_in_query_point_order(deterministic_algorithms):
+    """The order of the additions is the documented one: the records of a grad_value row by (query, level, point,
+    neighbour). Three queries sample the centre of a 1x1 map (one neighbour, bilinear weight 1) with two points of
+    attention weights 1 and 1/4; grad_output is (1, 2**24, 1). Every product is exact, but the float32 sums are not:
+    in (query, point) order they give 20971524, in (point, query) order 20971520, the exact sum is 20971522.5."""
+    device = DEVICES["triton"]
+    value = torch.zeros(1, 1, 1, 1, device=device, requires_grad=True)
+    locations = torch.full((1, 3, 1, 1, 2, 2), 0.5, device=device)
+    weights = torch.tensor([1.0, 0.25], device=device).expand(1, 3, 1, 1, 2).contiguous()
+    grad_output = torch.tensor([1.0, 2.0**24, 1.0], device=device).view(1, 3, 1)
+    output = ms_deform_attn(value, [(1, 1)], None, locations, weights, backend="triton")
+    (grad_value,) = torch.autograd.grad(output, value, grad_output)
+    query_point_order = np.float32(0)
+    for g in (1.0, 2.0**24, 1.0):
+        for w in (1.0, 0.25):
+            query_point_order = np.float32(query_point_order + np.float32(w * g))
+    assert query_point_order == 20971524.0 and 1.0 * 1.25 + 2.0**24 * 1.25 + 1.25 == 20971522.5
+    assert grad_value.item() == query_point_order
+
+
 # --- dispatch and input validation ---
 
 

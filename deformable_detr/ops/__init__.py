@@ -36,6 +36,11 @@ map. Every backend accumulates in float32 (float64 for float64) and returns ``va
 * Without autocast, a float16 / bfloat16 ``value`` is handled the same way (half locations and weights up-cast).
 * float32 and float64 inputs are left as they are (autocast never down-casts float64); then the three must agree.
 The casts are ordinary autograd ops, so each gradient comes back in its input's dtype.
+
+Determinism: ``reference`` and ``cpu`` give the same bits on every run on the CPU. ``triton`` accumulates grad_value
+with atomic adds, whose order varies on a GPU; under ``torch.use_deterministic_algorithms(True)`` (``ddetr train
+--deterministic``) it sums in a fixed order instead (see ``triton_kernels.py``). On CUDA, ``reference``'s
+``grid_sample`` backward has no deterministic kernel, and torch reports that itself.
 """
 
 from __future__ import annotations
@@ -333,7 +338,10 @@ def _ms_deform_attn_triton_backward(
     from deformable_detr.ops import triton_kernels
 
     shapes, starts = _shape_tensors(spatial_shapes, value.device)
-    return triton_kernels.msda_backward(grad_output, value, shapes, starts, sampling_locations, attention_weights)
+    # torch.use_deterministic_algorithms(True) asks every op for run-to-run identical results: grad_value is then
+    # summed in a fixed order instead of with atomic adds (read at run time, so a compiled graph follows it too).
+    return triton_kernels.msda_backward(grad_output, value, shapes, starts, sampling_locations, attention_weights,
+                                        deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 def _backward_triton(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:

@@ -17,7 +17,11 @@ ranges must be powers of two) and the padding lanes are masked off, so any ``hea
   those values are owned by exactly one program and are stored directly. grad_value receives
   A * bilinear_weight * grad_output at each neighbour, and several queries (and programs) hit the same pixel, so it is
   scattered with atomic adds into a float32 (float64 for float64 input) buffer that is cast to the input dtype at the
-  end.
+  end. The order of atomic adds varies between runs, and so may the last bits of grad_value.
+* Deterministic backward (``deterministic=True``; the op asks for it under ``torch.use_deterministic_algorithms``):
+  instead of the atomic adds the backward kernel records each neighbour's grad_value row and weight; a stable sort
+  groups the records by row, and ``_gather_grad_value_kernel`` (one program per grad_value row) adds them up in the
+  sorted order, which is fixed, so grad_value is the same bits on every run.
 
 NaN and inf propagate as in the reference on CPU, with the guarantees that ``cpu.py`` states, except that in the
 forward an infinite attention weight gives NaN where the reference gives +-inf (see the forward kernel).
@@ -41,23 +45,13 @@ __all__ = ["msda_backward", "msda_forward"]
 
 
 @triton.jit
-def _bilinear_neighbours(
-    loc_ptr,
-    loc_offsets,
-    q_mask,
-    height,
-    width,
-    level_start,
-    row_stride,
-    d_offsets,
-    d_mask,
-    ACC_DTYPE: tl.constexpr,
-):
-    """Bilinear set-up of one (level, point) for a block of queries.
+def _bilinear_corners(loc_ptr, loc_offsets, q_mask, height, width, level_start, ACC_DTYPE: tl.constexpr):
+    """Bilinear set-up of one (level, point) for a block of queries, (BLOCK_Q,) each.
 
-    Returns the fractional parts (lx, ly) of the pixel coordinates, (BLOCK_Q,), and for the four neighbours
-    (top-left, top-right, bottom-left, bottom-right) the (BLOCK_Q, BLOCK_D) offsets from the head's base in value
-    and the masks; neighbours outside the map are masked off, so they read 0 and receive no gradient.
+    Returns the fractional parts (lx, ly) of the pixel coordinates, the row of the top-left neighbour in value's
+    pixel axis (level start + y0 * W + x0; the other three neighbours are one pixel right, one row down, or both) and
+    the validity of the four neighbours (top-left, top-right, bottom-left, bottom-right): neighbours outside the map
+    are invalid, so they read 0 and receive no gradient.
     """
     width_f = width.to(ACC_DTYPE)
     height_f = height.to(ACC_DTYPE)
@@ -77,17 +71,48 @@ def _bilinear_neighbours(
     col1 = (x0 >= -1) & (x0 < width - 1)
     row0 = q_mask & (y0 >= 0) & (y0 < height)
     row1 = q_mask & (y0 >= -1) & (y0 < height - 1)
-    # level_start is int64, so the offsets are int64 (maps times heads times head_dim can exceed 2**31). The other
-    # three neighbours are one pixel right, one row down, or both; their (masked-off) offsets may be out of range.
-    o00 = ((level_start + y0 * width + x0) * row_stride)[:, None] + d_offsets[None, :]
+    # level_start is int64, so the row is int64 (and so are the offsets made from it: maps times heads times
+    # head_dim can exceed 2**31).
+    row00 = level_start + y0 * width + x0
+    return x - x0_f, y - y0_f, row00, row0 & col0, row0 & col1, row1 & col0, row1 & col1
+
+
+@triton.jit
+def _neighbour_tiles(row00, v00, v01, v10, v11, width, row_stride, d_offsets, d_mask):
+    """The four neighbours of :func:`_bilinear_corners` as (BLOCK_Q, BLOCK_D) offsets from the head's base in value,
+    and their masks. The masked-off offsets may be out of range; they are never read."""
+    o00 = (row00 * row_stride)[:, None] + d_offsets[None, :]
     o01 = o00 + row_stride
     o10 = o00 + width * row_stride
     o11 = o10 + row_stride
-    m00 = (row0 & col0)[:, None] & d_mask[None, :]
-    m01 = (row0 & col1)[:, None] & d_mask[None, :]
-    m10 = (row1 & col0)[:, None] & d_mask[None, :]
-    m11 = (row1 & col1)[:, None] & d_mask[None, :]
-    return x - x0_f, y - y0_f, o00, m00, o01, m01, o10, m10, o11, m11
+    m00 = v00[:, None] & d_mask[None, :]
+    m01 = v01[:, None] & d_mask[None, :]
+    m10 = v10[:, None] & d_mask[None, :]
+    m11 = v11[:, None] & d_mask[None, :]
+    return o00, m00, o01, m01, o10, m10, o11, m11
+
+
+@triton.jit
+def _bilinear_neighbours(
+    loc_ptr,
+    loc_offsets,
+    q_mask,
+    height,
+    width,
+    level_start,
+    row_stride,
+    d_offsets,
+    d_mask,
+    ACC_DTYPE: tl.constexpr,
+):
+    """:func:`_bilinear_corners` with the neighbours as tiles (:func:`_neighbour_tiles`)."""
+    lx, ly, row00, v00, v01, v10, v11 = _bilinear_corners(
+        loc_ptr, loc_offsets, q_mask, height, width, level_start, ACC_DTYPE
+    )
+    o00, m00, o01, m01, o10, m10, o11, m11 = _neighbour_tiles(
+        row00, v00, v01, v10, v11, width, row_stride, d_offsets, d_mask
+    )
+    return lx, ly, o00, m00, o01, m01, o10, m10, o11, m11
 
 
 @triton.jit
@@ -167,6 +192,8 @@ def _msda_backward_kernel(
     grad_value_ptr,
     grad_loc_ptr,
     grad_attn_ptr,
+    corner_target_ptr,
+    corner_weight_ptr,
     num_values,
     num_queries,
     num_heads,
@@ -176,6 +203,7 @@ def _msda_backward_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     head = tl.program_id(1)
@@ -205,8 +233,11 @@ def _msda_backward_kernel(
         for point in tl.static_range(NUM_POINTS):
             attn_offsets = attn_row + level * NUM_POINTS + point
             attn = tl.load(attn_ptr + attn_offsets, mask=q_mask, other=0.0).to(ACC_DTYPE)
-            lx, ly, o00, m00, o01, m01, o10, m10, o11, m11 = _bilinear_neighbours(
-                loc_ptr, 2 * attn_offsets, q_mask, height, width, level_start, row_stride, d_offsets, d_mask, ACC_DTYPE
+            lx, ly, row00, v00, v01, v10, v11 = _bilinear_corners(
+                loc_ptr, 2 * attn_offsets, q_mask, height, width, level_start, ACC_DTYPE
+            )
+            o00, m00, o01, m01, o10, m10, o11, m11 = _neighbour_tiles(
+                row00, v00, v01, v10, v11, width, row_stride, d_offsets, d_mask
             )
             hx = 1.0 - lx
             hy = 1.0 - ly
@@ -225,11 +256,58 @@ def _msda_backward_kernel(
             tl.store(grad_loc_ptr + 2 * attn_offsets, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * attn_offsets + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
 
-            # Scatter A * bilinear weight * grad_output to the four neighbours; the masks drop those outside the map.
-            tl.atomic_add(grad_value_base + o00, (attn * hy * hx)[:, None] * grad_out, mask=m00, sem="relaxed")
-            tl.atomic_add(grad_value_base + o01, (attn * hy * lx)[:, None] * grad_out, mask=m01, sem="relaxed")
-            tl.atomic_add(grad_value_base + o10, (attn * ly * hx)[:, None] * grad_out, mask=m10, sem="relaxed")
-            tl.atomic_add(grad_value_base + o11, (attn * ly * lx)[:, None] * grad_out, mask=m11, sem="relaxed")
+            if DETERMINISTIC:
+                # Record each neighbour's grad_value row ((batch, pixel, head) in value's layout; -1 outside the map)
+                # and its weight A * bilinear weight; _gather_grad_value_kernel sums them in a fixed order.
+                row = (batch * num_values + row00) * num_heads + head
+                corner = 4 * attn_offsets
+                tl.store(corner_target_ptr + corner, tl.where(v00, row, -1), mask=q_mask)
+                tl.store(corner_target_ptr + corner + 1, tl.where(v01, row + num_heads, -1), mask=q_mask)
+                tl.store(corner_target_ptr + corner + 2, tl.where(v10, row + width * num_heads, -1), mask=q_mask)
+                tl.store(corner_target_ptr + corner + 3, tl.where(v11, row + (width + 1) * num_heads, -1),
+                         mask=q_mask)
+                tl.store(corner_weight_ptr + corner, attn * hy * hx, mask=q_mask)
+                tl.store(corner_weight_ptr + corner + 1, attn * hy * lx, mask=q_mask)
+                tl.store(corner_weight_ptr + corner + 2, attn * ly * hx, mask=q_mask)
+                tl.store(corner_weight_ptr + corner + 3, attn * ly * lx, mask=q_mask)
+            else:
+                # Scatter A * bilinear weight * grad_output to the four neighbours; the masks drop those outside
+                # the map.
+                tl.atomic_add(grad_value_base + o00, (attn * hy * hx)[:, None] * grad_out, mask=m00, sem="relaxed")
+                tl.atomic_add(grad_value_base + o01, (attn * hy * lx)[:, None] * grad_out, mask=m01, sem="relaxed")
+                tl.atomic_add(grad_value_base + o10, (attn * ly * hx)[:, None] * grad_out, mask=m10, sem="relaxed")
+                tl.atomic_add(grad_value_base + o11, (attn * ly * lx)[:, None] * grad_out, mask=m11, sem="relaxed")
+
+
+@triton.jit
+def _gather_grad_value_kernel(
+    grad_output_ptr,
+    order_ptr,
+    segment_start_ptr,
+    corner_weight_ptr,
+    grad_value_ptr,
+    HEAD_DIM: tl.constexpr,
+    CORNERS_PER_ROW: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    # One program per grad_value row (batch, pixel, head): the neighbour records that name it, in the order of the
+    # stable sort (that is, by (query, level, point, corner)), each adding weight * grad_output of its query and head.
+    # The order of the additions is fixed, so the sum is the same bits on every run.
+    target = tl.program_id(0).to(tl.int64)
+    d_offsets = tl.arange(0, BLOCK_D)
+    d_mask = d_offsets < HEAD_DIM
+    start = tl.load(segment_start_ptr + target)
+    end = tl.load(segment_start_ptr + target + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
+    for i in range(start, end):
+        corner = tl.load(order_ptr + i)
+        weight = tl.load(corner_weight_ptr + corner)
+        # A record's index is (((batch * queries + query) * heads + head) * levels * points + ...) * 4 + corner, and
+        # grad_output (batch, queries, heads * head_dim) has one head_dim row per (batch, query, head).
+        source = corner // CORNERS_PER_ROW
+        acc += weight * tl.load(grad_output_ptr + source * HEAD_DIM + d_offsets, mask=d_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(grad_value_ptr + target * HEAD_DIM + d_offsets, acc.to(grad_value_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -342,19 +420,26 @@ def msda_backward(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``msda_forward`` with respect to value, sampling_locations and attention_weights.
 
     Args:
         grad_output: (batch, num_queries, num_heads * head_dim), any float dtype (up-cast in the kernel).
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights: as in ``msda_forward``.
+        deterministic: sum grad_value in a fixed order instead of with atomic adds, so that it is the same bits on
+            every run. The backward kernel then records, for each (query, head, level, point) and bilinear
+            neighbour, the grad_value row it feeds and its weight (12 bytes each with float32, 16 with float64); a
+            stable sort groups the records by row, and one program per grad_value row adds them up in the sorted
+            order. This costs the records, the sort and a second kernel.
 
     Returns:
         grad_value (batch, sum(H_l * W_l), num_heads, head_dim),
         grad_sampling_locations (batch, num_queries, num_heads, num_levels, num_points, 2),
         grad_attention_weights (batch, num_queries, num_heads, num_levels, num_points),
-        each contiguous and in its input's dtype. grad_value is accumulated with atomic adds in float32 (float64 for
-        float64), so its last bits may vary from run to run on a GPU (the order of the additions is not fixed).
+        each contiguous and in its input's dtype. grad_value is accumulated in float32 (float64 for float64); with
+        atomic adds (``deterministic=False``) its last bits may vary from run to run on a GPU, since the order of
+        the additions is not fixed. The location and weight gradients are deterministic either way.
     """
     grad_output = grad_output.contiguous()
     value = value.contiguous()
@@ -368,6 +453,10 @@ def msda_backward(
     accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     # Atomic adds into half precision would round at every addition: accumulate in a wider buffer, cast once.
     grad_value = torch.zeros(value.shape, dtype=accumulate_dtype, device=value.device)
+    # The neighbour records of the deterministic path (an unused 1-element stand-in otherwise).
+    records = (batch, num_queries, num_heads, num_levels, num_points, 4) if deterministic else (1,)
+    corner_target = torch.empty(records, dtype=torch.int64, device=value.device)
+    corner_weight = torch.empty(records, dtype=accumulate_dtype, device=value.device)
     # Every location / weight gradient is written by exactly one program (zeros only matter for an empty launch).
     grad_locations = torch.zeros_like(sampling_locations)
     grad_weights = torch.zeros_like(attention_weights)
@@ -387,6 +476,8 @@ def msda_backward(
                 grad_value,
                 grad_locations,
                 grad_weights,
+                corner_target,
+                corner_weight,
                 num_values,
                 num_queries,
                 num_heads,
@@ -396,6 +487,38 @@ def msda_backward(
                 BLOCK_Q=block_q,
                 BLOCK_D=block_d,
                 ACC_DTYPE=_accumulator_dtype(value.dtype),
+                DETERMINISTIC=deterministic,
                 num_warps=num_warps,
             )
+            if deterministic:
+                _gather_grad_value(grad_output, corner_target, corner_weight, grad_value, block_d)
     return grad_value.to(value.dtype), grad_locations, grad_weights
+
+
+def _gather_grad_value(grad_output: Tensor, corner_target: Tensor, corner_weight: Tensor, grad_value: Tensor,
+                       block_d: int) -> None:
+    """Sums the neighbour records into ``grad_value`` (batch, num_values, num_heads, head_dim) in a fixed order.
+
+    corner_target / corner_weight: (batch, num_queries, num_heads, num_levels, num_points, 4), the grad_value row
+    ((batch * num_values + pixel) * num_heads + head, or -1 outside the map) and the weight of each record.
+    """
+    batch, num_values, num_heads, head_dim = grad_value.shape
+    num_rows = batch * num_values * num_heads
+    # A stable sort keeps records of one row in their original order, which fixes the order of the additions; the
+    # records outside the map (-1) sort first and belong to no row.
+    sorted_target, order = torch.sort(corner_target.view(-1), stable=True)
+    rows = torch.arange(num_rows + 1, dtype=torch.int64, device=grad_value.device)
+    segment_start = torch.searchsorted(sorted_target, rows)  # records of row r: [start[r], start[r + 1])
+    corners_per_row = corner_target.shape[3] * corner_target.shape[4] * 4
+    _gather_grad_value_kernel[(num_rows,)](
+        grad_output,
+        order,
+        segment_start,
+        corner_weight,
+        grad_value,
+        HEAD_DIM=head_dim,
+        CORNERS_PER_ROW=corners_per_row,
+        BLOCK_D=block_d,
+        ACC_DTYPE=_accumulator_dtype(grad_value.dtype),
+        num_warps=1,
+    )

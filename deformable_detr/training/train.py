@@ -50,7 +50,7 @@ from deformable_detr.config import (
     merge_model,
 )
 from deformable_detr.data import CocoDetection, build_coco_dataset, collate_fn, make_coco_transforms
-from deformable_detr.device import resolve_device
+from deformable_detr.device import deterministic_algorithms, resolve_device
 from deformable_detr.model.build import build_from_config
 from deformable_detr.training.distributed import DistributedInfo, init_distributed, peer_failures_reported
 from deformable_detr.training.engine import DivergenceGuard, NonFiniteLossError, evaluate, train_one_epoch
@@ -266,7 +266,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
     if run.output_dir and run.info.is_main:  # not in evaluation, which may share the folder of a live run
         for leftover in remove_interrupted_saves(run.output_dir):
             run.print(f"removed {leftover.name}: the temporary file of a checkpoint save that was interrupted")
-    with peer_failures_reported(run.info, train_cfg.dist_timeout):
+    if train_cfg.deterministic:
+        run.print("deterministic algorithms on: the attention backward sums in a fixed order (torch warns about any "
+                  "op without a deterministic kernel)")
+    with peer_failures_reported(run.info, train_cfg.dist_timeout), deterministic_algorithms(train_cfg.deterministic):
         return _train_run(run, model_cfg, train_cfg, data_cfg, resumed, finetuned)
 
 
