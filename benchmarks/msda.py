@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from deformable_detr.device import deterministic_algorithms  # noqa: E402
 from deformable_detr.ops import available_backends, ms_deform_attn  # noqa: E402
 
 SPATIAL_SHAPES = [(100, 134), (50, 67), (25, 34), (13, 17)]
@@ -49,6 +50,7 @@ NUM_POINTS = 4
 DECODER_QUERIES = 300
 SHAPES = ("encoder", "decoder")
 MODES = ("forward", "forward_backward")
+DETERMINISTIC_SUFFIX = "-deterministic"
 
 
 def make_inputs(shape: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -100,7 +102,11 @@ def _synchronize(device: torch.device) -> None:
 
 def run_once(inputs: dict, backend: str, mode: str, spatial_shapes: list[tuple[int, int]] = SPATIAL_SHAPES
              ) -> tuple:
-    """One forward (no autograd) or forward+backward; returns what it computed (kept alive by the caller)."""
+    """One forward (no autograd) or forward+backward; returns what it computed (kept alive by the caller).
+    ``triton-deterministic``: triton under torch.use_deterministic_algorithms (the fixed-order backward)."""
+    if backend.endswith(DETERMINISTIC_SUFFIX):
+        with deterministic_algorithms():
+            return run_once(inputs, backend.removesuffix(DETERMINISTIC_SUFFIX), mode, spatial_shapes)
     # Every backend derives the level starts from the shapes (level_start_index is only checked), and building the
     # tensor here would put a host-to-device copy into every timed CUDA call.
     level_start_index = None
@@ -206,6 +212,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         backends = [b for b in available_backends(device) if not args.backends or b in args.backends]
         if "reference" not in backends:
             backends.insert(0, "reference")  # the ratios need it
+        if "triton" in backends and device.type == "cuda":
+            backends.append("triton" + DETERMINISTIC_SUFFIX)  # the cost of bitwise-reproducible gradients
         for shape in args.shapes:
             for batch in args.batch:
                 inputs = make_inputs(shape, batch, device, dtype)
