@@ -9,7 +9,8 @@ Rows (each with random weights; speed does not depend on the values):
 * ``default``: what ``Detector`` runs: the Numba CPU attention kernels (``auto``), frozen batch norms folded into
   the convolutions (``deformable_detr.inference.rewrites``), ``torch.inference_mode``, padding, post-processing and
   the score threshold;
-* ``compile``: ``default`` with ``torch.compile`` on the model (compile time reported apart, not in the median);
+* ``compile``: ``default`` with ``torch.compile`` on the model (``Detector(..., compile=True)``; compile time
+  reported apart, not in the median);
 * ``huggingface``: ``transformers.DeformableDetrForObjectDetection`` built from a config (no download: random
   weights, a ResNet-50 from ``ResNetConfig``), its pure-PyTorch attention, plus the same top-k; skipped with a note
   when ``transformers`` is not importable.
@@ -24,12 +25,14 @@ cleared and with each setting of ``--malloc`` (default: no mmap and no trimming,
 
     python benchmarks/e2e.py --repeats 2
     python benchmarks/e2e.py --variant two_stage --rows baseline default --json
+    python benchmarks/e2e.py --variant demo --size 128 160 --batch 8 --rows default compile --malloc   # ddetr demo's
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -47,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from deformable_detr.config import VARIANTS  # noqa: E402
 from deformable_detr.inference.detector import Detector, PreparedImage  # noqa: E402
 from deformable_detr.inference.export_onnx import with_reference_attention  # noqa: E402
-from deformable_detr.model.build import build_model  # noqa: E402
+from deformable_detr.model.build import build_from_config, build_model  # noqa: E402
 from deformable_detr.model.postprocess import PostProcess  # noqa: E402
 
 ROWS = ("baseline", "cpu_msda", "default", "compile", "huggingface")
@@ -77,7 +80,7 @@ def images_of(batch: int, height: int, width: int) -> torch.Tensor:
 
 def ours(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model, _, _ = build_model(variant, num_classes=91)
+    model, _, _ = build_from_config(_config(variant))
     return model.eval()
 
 
@@ -103,6 +106,8 @@ def huggingface_model(variant: str):
         from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
     except ImportError as error:
         return f"transformers is not importable ({error}); pip install transformers to add this row"
+    if variant not in VARIANTS:
+        return f"no transformers counterpart of {variant} is built here"
     preset = VARIANTS[variant]
     if preset.get("dilation"):
         return "transformers supports DC5 (dilation) only with a timm backbone; not built"
@@ -192,6 +197,10 @@ def run_worker(args: argparse.Namespace) -> None:
 def _config(variant: str):
     from deformable_detr.config import model_config
 
+    if variant == "demo":  # the small model that ddetr demo trains (the synthetic data's ids 1..5: 6 logits)
+        from deformable_detr.demo import DEMO_MODEL
+
+        return dataclasses.replace(DEMO_MODEL, num_classes=6)
     return model_config(variant, num_classes=91)
 
 
@@ -237,7 +246,7 @@ def table(rows: list[dict], batch: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", nargs="+", default=["deformable_detr"], choices=list(VARIANTS))
+    parser.add_argument("--variant", nargs="+", default=["deformable_detr"], choices=[*VARIANTS, "demo"])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--size", type=int, nargs=2, default=[800, 1066], metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--batch", type=int, default=4, help="batch size of the throughput column")
@@ -291,9 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.reference.is_dir():
                 notes.append(compare_with_reference(detector, variant, args.reference))
         if "compile" in args.rows:
-            compiled = Detector(model, _config(variant))
+            compiled = Detector(model, _config(variant), compile=True)
             started = time.perf_counter()
-            compiled.model = torch.compile(compiled.model)
             try:
                 detector_call(compiled, 1, height, width)()
                 compile_s = time.perf_counter() - started

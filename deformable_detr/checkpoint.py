@@ -6,7 +6,9 @@ A checkpoint written by ``ddetr train`` is a dict that official tools read as th
      "format": "deformable-detr", "format_version": 2,
      "config": {"model": {...}, "train": {...}, "data": {...}},                            # configs, plain data
      "categories": {label: name},                                                         # for class names
-     "model_digest": {"algorithm": "sha256", "tensors": {name: hex digest}}}               # to detect corruption
+     "model_digest": {"algorithm": "sha256", "tensors": {name: hex digest}},               # to detect corruption
+     "ema": {"model": state_dict, "updates": int, "decay": float, "tau": float,            # with --ema only
+             "model_digest": {...}}}
 
 It holds nothing but tensors and plain data, so ``torch.load(path, weights_only=True)`` reads it with nothing
 allowed beyond that. Official checkpoints (their ``args`` is an ``argparse.Namespace``) and those of deformable-detr
@@ -63,6 +65,7 @@ CLASS_HEAD_MARKER = "class_embed."
 FORMAT_NAME = "deformable-detr"
 FORMAT_VERSION = 2
 DIGEST_KEY = "model_digest"
+EMA_KEY = "ema"
 # sha256 rather than blake2b: on the R50 Deformable DETR state_dict (41M float32 parameters, 164 MB) it takes 97 ms
 # against blake2b's 193 ms, on a CPU with the SHA extensions that current x86 and ARM server CPUs have. The record
 # names its algorithm, so that another can be chosen later.
@@ -214,8 +217,17 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     ``trusted=True`` lifts the restriction for files you trust that hold other Python objects. The weights are
     checked against the checkpoint's ``model_digest`` where it has one. Every file that cannot be read (none, a
     directory, empty, text, garbage, truncated, corrupted weights) is a :class:`CheckpointError` of one line.
+
+    A Hugging Face ``DeformableDetrForObjectDetection`` folder (or its ``config.json`` or ``.safetensors`` file) is
+    read as the same dict, with the official names and the model's settings (see
+    :mod:`deformable_detr.inference.hf_format`).
     """
+    # Imported here: the Hugging Face mapping builds on this module.
+    from deformable_detr.inference import hf_format
+
     path = Path(path)
+    if hf_format.hf_folder_of(path) is not None:
+        return hf_format.read_hf_checkpoint(path)
     _check_file(path)
     try:
         with warnings.catch_warnings():
@@ -234,6 +246,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     ):
         # A bare state_dict: accept it as the model weights.
         checkpoint = {"model": checkpoint}
+        if hf_format.looks_like_hf_state_dict(checkpoint["model"]):  # a pytorch_model.bin of transformers
+            return hf_format.read_hf_checkpoint(path, state=checkpoint["model"])
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         found = sorted(map(str, checkpoint))[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(
@@ -246,14 +260,31 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                               f"{FORMAT_VERSION} (upgrade deformable-detr to read it)")
     if DIGEST_KEY in checkpoint:
         _verify_digest(path, checkpoint)
+    ema = checkpoint.get(EMA_KEY)
+    if ema is not None:
+        if not isinstance(ema, dict) or not isinstance(ema.get("model"), dict):
+            raise CheckpointError(f"checkpoint {path}: its {EMA_KEY!r} entry is unreadable (expected {{'model': "
+                                  f"state_dict, 'updates': int, ...}}, found {str(ema)[:100]})")
+        if DIGEST_KEY in ema:  # the EMA weights are what eval and predict use: checked as the model's
+            _verify_digest(path, ema)
     return checkpoint
+
+
+def model_weights(checkpoint: dict[str, Any], ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights to run of a checkpoint from :func:`read_checkpoint`, and which they are: its EMA weights
+    (``"ema"``, written by ``ddetr train --ema``) when it has them and ``ema`` is true, else its model weights
+    (``"model"``: those training continues from)."""
+    if ema and isinstance(checkpoint.get(EMA_KEY), dict):
+        return checkpoint[EMA_KEY]["model"], "ema"
+    return checkpoint["model"], "model"
 
 
 def make_checkpoint(model_state: dict[str, torch.Tensor], configs: RunConfigs, categories: dict[int, str], *,
                     optimizer: dict | None = None, lr_scheduler: dict | None = None, epoch: int | None = None,
-                    scaler: dict | None = None) -> dict[str, Any]:
+                    scaler: dict | None = None, ema: dict[str, Any] | None = None) -> dict[str, Any]:
     """The dict ``ddetr train`` saves (see the module docstring); the configs become plain data, and the weights
     get their digest (:func:`weights_digest`, about 0.1 s for 40M float32 parameters on a CPU with SHA extensions).
+    ``ema``: ``ModelEMA.state_dict()``, saved with a digest of its weights.
     """
     checkpoint: dict[str, Any] = {"model": model_state}
     for key, value in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler), ("epoch", epoch),
@@ -266,6 +297,8 @@ def make_checkpoint(model_state: dict[str, torch.Tensor], configs: RunConfigs, c
         "categories": {int(label): str(name) for label, name in categories.items()},
         DIGEST_KEY: weights_digest(model_state),
     })
+    if ema is not None:
+        checkpoint[EMA_KEY] = {**ema, DIGEST_KEY: weights_digest(ema["model"])}
     return checkpoint
 
 
@@ -333,10 +366,14 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], drop
     missing = [k for k in own if k not in state_dict and not (drop_class_heads and CLASS_HEAD_MARKER in k)]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
+        # DETR has single heads ('class_embed.weight'), Deformable DETR one per decoder layer ('class_embed.0.weight').
+        theirs, mine = ("DETR" if "class_embed.weight" in d else "Deformable DETR" for d in (state_dict, own))
+        hint = (f"the checkpoint holds {theirs} weights and the model is {mine}: build_model('detr') for DETR"
+                if theirs != mine else "is it another variant? box refinement and two-stage add keys, single-scale "
+                "has fewer input projections")
         raise CheckpointError(
             f"checkpoint does not fit the model: {len(missing)} missing key(s) {missing[:5]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:5]} (is it another variant? box refinement and "
-            "two-stage add keys, single-scale has fewer input projections)"
+            f"{len(unexpected)} unexpected key(s) {unexpected[:5]} ({hint})"
         )
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(own[key].shape):
@@ -498,15 +535,17 @@ _OPTIMIZER_STATE = {torch.optim.Adam: (2, True), torch.optim.AdamW: (2, True), t
                     torch.optim.RMSprop: (1, True), torch.optim.Adagrad: (1, True)}
 
 
-def checkpoint_size_estimate(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+def checkpoint_size_estimate(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: bool = False
+                             ) -> int:
     """About how many bytes the checkpoint of ``ddetr train`` for ``model`` and ``optimizer`` takes on disk: the
     state_dict's tensors, the optimizer's state (its tensors once it has stepped; before, its moment buffers per
     parameter it updates: 2 for Adam and AdamW, 3 with ``amsgrad``, 1 for SGD with momentum), and the records around
-    them. For a check of the free space before training: a save needs this much free besides the previous file,
-    which stays until the new one is complete.
+    them. ``ema``: with the EMA weights (``--ema``), a second copy of the state_dict. For a check of the free space
+    before training: a save needs this much free besides the previous file, which stays until the new one is
+    complete.
     """
     state = model.state_dict()
-    total = _storage_bytes(state) + _BYTES_FIXED + _BYTES_PER_TENSOR * len(state)
+    total = (_storage_bytes(state) + _BYTES_PER_TENSOR * len(state)) * (2 if ema else 1) + _BYTES_FIXED
     if optimizer is None:
         return total
     if optimizer.state:

@@ -25,7 +25,10 @@ from typing import Any
 
 from deformable_detr.config import (
     AMP_MODES,
+    ARCHITECTURES,
+    CHECKPOINT_PARTS,
     CONFIG_CLASSES,
+    EVALUATORS,
     MSDA_BACKENDS,
     OFFICIAL_FIXED_FLAGS,
     OFFICIAL_IGNORED_FLAGS,
@@ -39,13 +42,15 @@ from deformable_detr.config import (
 
 EXIT_USER_ERROR = 2
 # Choices of config fields, shown in the help and checked by argparse.
-_CHOICES = {"backbone": RESNETS, "msda_backend": MSDA_BACKENDS, "amp": AMP_MODES}
+_CHOICES = {"backbone": RESNETS, "msda_backend": MSDA_BACKENDS, "amp": AMP_MODES, "evaluator": EVALUATORS,
+            "checkpoint_activations": CHECKPOINT_PARTS, "architecture": ARCHITECTURES}
 # Config fields without a flag: the official code derives train_backbone from --lr_backbone 0, and so do we.
 _NO_FLAG = ("train_backbone",)
 # The settings ``ddetr eval`` takes (the model itself comes from the checkpoint).
 _EVAL_FIELDS = {
     "data": ("coco_path", "val_images", "val_json", "val_size", "max_size", "num_workers", "cache_mode", "strict"),
-    "train": ("device", "batch_size", "amp", "output_dir", "progress", "print_freq", "dist_url"),
+    "train": ("device", "batch_size", "amp", "compile", "output_dir", "progress", "print_freq", "dist_url",
+              "evaluator"),
     "model": ("msda_backend", "num_detections"),
 }
 
@@ -59,7 +64,7 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = getattr(action, "shown_default", action.default)
-        if (default not in (None, False, argparse.SUPPRESS, "") and not isinstance(action, argparse._HelpAction)
+        if (default not in (None, False, argparse.SUPPRESS, "", ()) and not isinstance(action, argparse._HelpAction)
                 and "%(default)" not in text and action.option_strings):
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             text += f" (default: {shown})"
@@ -110,6 +115,8 @@ def _flag_kwargs(cls: type, name: str) -> tuple[list[str], dict[str, Any]]:
         kwargs["type"] = base
     if name in _CHOICES:
         kwargs["choices"] = _CHOICES[name]
+        if kwargs.get("nargs") is not None:  # argparse would repeat the list of choices for every item
+            kwargs["metavar"] = "PART"
     else:
         kwargs["metavar"] = name.upper() if kwargs.get("nargs") is None else name.split("_")[-1].upper()
     return [f"--{name}"], kwargs
@@ -179,14 +186,15 @@ def _eval(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or args.resume
     if not checkpoint:
         raise ValueError("give the checkpoint to evaluate: ddetr eval CHECKPOINT")
-    return _run_eval(checkpoint, _settings(args), args.variant)
+    return _run_eval(checkpoint, _settings(args), args.variant, raw_weights=args.raw_weights)
 
 
-def _run_eval(checkpoint: str, settings: dict[str, dict[str, Any]], variant: str | None) -> int:
+def _run_eval(checkpoint: str, settings: dict[str, dict[str, Any]], variant: str | None,
+              raw_weights: bool = False) -> int:
     from deformable_detr.training.train import eval_configs_from_settings, evaluate_checkpoint
 
     data_cfg, train_cfg = eval_configs_from_settings(checkpoint, settings)
-    evaluate_checkpoint(checkpoint, data_cfg, train_cfg, settings["model"], variant=variant)
+    evaluate_checkpoint(checkpoint, data_cfg, train_cfg, settings["model"], variant=variant, raw_weights=raw_weights)
     return 0
 
 
@@ -226,12 +234,21 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from deformable_detr.inference.export_onnx import export_checkpoint
 
     check = export_checkpoint(args.checkpoint, args.out, args.size[0], args.size[1], variant=args.variant,
-                              opset=args.opset, exporter=args.exporter, tolerance=args.tolerance)
+                              opset=args.opset, exporter=args.exporter, dynamic=args.dynamic,
+                              tolerance=args.tolerance)
     if not check.passed(args.tolerance):
         print(f"ddetr export onnx: onnxruntime and PyTorch disagree (max relative error "
               f"{check.max_relative_error:.2e} > {args.tolerance:g}, or different labels)", file=sys.stderr)
         return 1
     print(f"export onnx: check passed, wrote {args.out}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from deformable_detr.inference.hf_format import export_hf
+
+    out = export_hf(args.checkpoint, args.out, backbone_form=args.backbone_form, variant=args.variant)
+    print(f"export hf: wrote {out} (transformers.DeformableDetrForObjectDetection.from_pretrained loads it)")
     return 0
 
 
@@ -270,7 +287,8 @@ def build_parser() -> _Parser:
                     "weights is an error). Several processes: torchrun --nproc_per_node=N -m deformable_detr train ...")
     train.add_argument("--variant", choices=list(VARIANTS), default=None,
                        help="preset of an official variant (num_feature_levels, dilation, with_box_refine, "
-                       "two_stage); flags given explicitly win over it")
+                       "two_stage; detr, detr_dc5: DETR (Carion et al. 2020) and its recipe: lr 1e-4, lr_backbone "
+                       "1e-5, 300 epochs, lr_drop 200); flags given explicitly win over it")
     train.add_argument("--eval", action="store_true",
                        help="only evaluate the weights of --resume CHECKPOINT (the official --eval; = ddetr eval)")
     _add_config_flags(train.add_argument_group("model"), CONFIG_CLASSES["model"])
@@ -291,13 +309,17 @@ def build_parser() -> _Parser:
     evaluation = command("eval", _eval, "COCO bbox AP of a checkpoint (ours or official)",
                          "Evaluates CHECKPOINT on the validation data: the model is rebuilt from the checkpoint, the "
                          "data and sizes are those it was trained with unless given here. Prints the 12 COCO numbers "
-                         "and writes OUTPUT_DIR/eval.json.")
-    evaluation.add_argument("checkpoint", nargs="?", help="checkpoint of ddetr train or of the official code")
+                         "and the per-class AP table, and writes OUTPUT_DIR/eval.json and eval.pth.")
+    evaluation.add_argument("checkpoint", nargs="?", help="checkpoint of ddetr train or of the official code, or a "
+                            "Hugging Face folder (config.json + model.safetensors)")
     evaluation.add_argument("--resume", default=None, help=argparse.SUPPRESS)  # the official spelling, kept working
     evaluation.add_argument("--variant", choices=list(VARIANTS), default=None,
                             help="official variant, for checkpoints without settings (single_scale_dc5 cannot be "
                             "told from the weights)")
-    titles = {"data": "data", "train": "run (OUTPUT_DIR receives eval.json)",
+    evaluation.add_argument("--raw_weights", action="store_true",
+                            help="evaluate the checkpoint's trained weights, not its EMA weights (which a checkpoint "
+                            "of ddetr train --ema holds, and which are evaluated by default)")
+    titles = {"data": "data", "train": "run (OUTPUT_DIR receives eval.json and eval.pth)",
               "model": "model settings its weights do not depend on"}
     for kind, names in _EVAL_FIELDS.items():
         _add_config_flags(evaluation.add_argument_group(titles[kind]), CONFIG_CLASSES[kind], names)
@@ -307,13 +329,16 @@ def build_parser() -> _Parser:
                       "OUT/detections.json (COCO results) and OUT/<name>_detections.png per image. Inputs that fail "
                       "(unreadable, too small or elongated, or that the model fails on) are reported by name and "
                       "skipped, the others processed; exit code 1 if any failed, 2 for a bad checkpoint or option.")
-    predict.add_argument("checkpoint", help="checkpoint of ddetr train or of the official code")
+    predict.add_argument("checkpoint", help="checkpoint of ddetr train or of the official code, or a Hugging Face "
+                         "folder (config.json + model.safetensors)")
     predict.add_argument("inputs", nargs="+", help="image files, folders (their image files) or glob patterns")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--score_threshold", type=float, default=0.5, help="keep detections scoring at least this")
     predict.add_argument("--device", default="auto", help="torch device; auto: cuda when available, else cpu")
     predict.add_argument("--batch_size", type=int, default=1, help="images per forward pass (padded together)")
     predict.add_argument("--amp", choices=AMP_MODES, default=None, help="mixed precision")
+    predict.add_argument("--compile", action="store_true",
+                         help="torch.compile the model (the first call compiles, and its time is printed)")
     predict.add_argument("--variant", choices=list(VARIANTS), default=None,
                          help="official variant, for checkpoints without settings (single_scale_dc5 cannot be told "
                          "from the weights)")
@@ -327,13 +352,14 @@ def build_parser() -> _Parser:
                          help="with --show_sampling_points: draw this query instead of the top detection's")
     predict.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    export = command("export", lambda args: 0, "export a checkpoint for deployment (onnx)")
+    export = command("export", lambda args: 0, "export a checkpoint for deployment (onnx) or Hugging Face (hf)")
     formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT", parser_class=_Parser)
     onnx = formats.add_parser(
         "onnx", help="the detector with post-processing as ONNX, checked with onnxruntime", parents=[common],
         description="Exports the detector and its post-processing (inputs: images (B,3,H,W) normalised and padded, "
         "mask (B,H,W) True on padding, original_sizes (B,2); outputs: scores, labels, boxes in original pixels) "
-        "with a dynamic batch and a fixed H x W, then runs the file with onnxruntime and PyTorch on sample "
+        "with a dynamic batch and a fixed H x W (--dynamic: any H x W above a minimum), then runs the file with "
+        "onnxruntime and PyTorch on sample "
         "batches and prints the largest relative error. Exit code 1 if it exceeds --tolerance, 2 for bad input.")
     onnx.set_defaults(handler=_export_onnx)
     onnx.add_argument("checkpoint", help="checkpoint of ddetr train or of the official code")
@@ -346,6 +372,22 @@ def build_parser() -> _Parser:
     onnx.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                       help="torch.export-based, or the legacy TorchScript tracer (faster, deprecated)")
     onnx.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error accepted")
+    onnx.add_argument("--dynamic", action="store_true",
+                      help="the graph takes any H x W from a minimum up (65 x 65 multi-scale, printed and stored in "
+                      "the metadata), --size is the example traced; checked at --size and at a second size; needs "
+                      "--exporter dynamo")
+    hf = formats.add_parser(
+        "hf", help="a Hugging Face transformers folder (config.json + model.safetensors)", parents=[common],
+        description="Writes the model as a folder that transformers' DeformableDetrForObjectDetection.from_pretrained"
+        "(DIR) loads: config.json (architecture, id2label from the class names), model.safetensors (transformers' "
+        "parameter names) and preprocessor_config.json (the eval resize). ddetr predict/eval read such folders too.")
+    hf.set_defaults(handler=_export_hf)
+    hf.add_argument("checkpoint", help="checkpoint of ddetr train or of the official code, or a Hugging Face folder")
+    hf.add_argument("out", help="the folder to write")
+    hf.add_argument("--backbone_form", choices=["timm", "transformers"], default="timm",
+                    help="the ResNet as timm's (like the SenseTime Hub models; transformers then needs timm, and DC5 "
+                    "needs this form) or as transformers' own ResNet (no timm needed)")
+    hf.add_argument("--variant", choices=list(VARIANTS), default=None, help="as for predict")
 
     verify = command("verify", _verify, "rerun the official procedure behind reference files and compare every array",
                      "Runs the procedure that produced each reference file (ddetr-init-v1 weights, eval mode, "

@@ -25,6 +25,13 @@ from typing import Any
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MSDA_BACKENDS = ("auto", "reference", "cpu", "triton")
 AMP_MODES = ("bf16", "fp16")
+# COCO evaluation backends: pycocotools (the official one) or faster-coco-eval (the same numbers, faster; optional).
+EVALUATORS = ("pycocotools", "faster-coco-eval")
+# Parts of the model whose activations --checkpoint_activations recomputes in the backward ("none": no part).
+CHECKPOINT_PARTS = ("none", "backbone", "encoder", "decoder")
+# Detectors: Deformable DETR (Zhu et al. 2020) and DETR (Carion et al. 2020), each with its own transformer, loss and
+# post-processing, chosen by the builder (deformable_detr.model.build).
+ARCHITECTURES = ("deformable_detr", "detr")
 
 # The official data pipeline's sizes (datasets/coco.py make_coco_transforms).
 OFFICIAL_TRAIN_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
@@ -68,9 +75,13 @@ def _check_non_negative_numbers(config: Any, names: tuple[str, ...]) -> None:
 class ModelConfig:
     """Every setting of the official ``main.py`` that shapes the model, the loss or the post-processing."""
 
+    architecture: str = "deformable_detr"
+    """Detector: deformable_detr (Zhu et al. 2020) or detr (Carion et al. 2020: post-norm transformer, softmax classes
+    with a no-object class; single-scale, no deformable attention). --variant detr / detr_dc5 set it with DETR's
+    other settings."""
     num_classes: int | None = None
-    """Number of sigmoid class logits (labels are the category ids); default: 91 for --coco_path, else the largest
-    category id + 1."""
+    """Number of classes (labels are the category ids; DETR adds one no-object logit); default: 91 for --coco_path,
+    else the largest category id + 1."""
     backbone: str = "resnet50"
     """ResNet of the backbone."""
     dilation: bool = False
@@ -119,10 +130,16 @@ class ModelConfig:
     """Weight of the GIoU loss."""
     focal_alpha: float = 0.25
     """Alpha of the focal loss."""
+    eos_coef: float = 0.1
+    """DETR: weight of the no-object class in the cross-entropy (Deformable DETR has no such class)."""
     num_detections: int = 100
-    """Detections kept per image by post-processing (top-k over queries x classes)."""
+    """Detections kept per image by post-processing (top-k over queries x classes; DETR keeps one per query)."""
     msda_backend: str = "auto"
     """Deformable attention kernels: auto (triton on CUDA, cpu on the CPU), reference (pure PyTorch), cpu, triton."""
+    checkpoint_activations: tuple[str, ...] = ()
+    """Save memory in training: recompute the activations of these parts in the backward instead of keeping them
+    (encoder, decoder: each layer; backbone: each residual block of the trained stages); same numbers, more time.
+    none: no part (to turn it off when resuming)."""
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("num_feature_levels", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim",
@@ -135,6 +152,11 @@ class ModelConfig:
             _fail("backbone", f"one of {', '.join(RESNETS)}", self.backbone)
         if self.msda_backend not in MSDA_BACKENDS:
             _fail("msda_backend", f"one of {', '.join(MSDA_BACKENDS)}", self.msda_backend)
+        parts = self.checkpoint_activations
+        if (not isinstance(parts, tuple) or any(part not in CHECKPOINT_PARTS for part in parts)
+                or len(set(parts)) != len(parts) or ("none" in parts and len(parts) > 1)):
+            _fail("checkpoint_activations", f"distinct parts of {', '.join(CHECKPOINT_PARTS[1:])}, or none alone",
+                  parts)
         if self.dilation and self.backbone in ("resnet18", "resnet34"):
             raise ConfigError(f"dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101), got {self.backbone}")
         if self.hidden_dim % self.nheads:
@@ -150,6 +172,21 @@ class ModelConfig:
             _fail("position_embedding_scale", "a finite number > 0", self.position_embedding_scale)
         if not (self.set_cost_class or self.set_cost_bbox or self.set_cost_giou):
             raise ConfigError("set_cost_class, set_cost_bbox and set_cost_giou are all 0")
+        if self.architecture not in ARCHITECTURES:
+            _fail("architecture", f"one of {', '.join(ARCHITECTURES)}", self.architecture)
+        if not _is_number(self.eos_coef) or not 0.0 < self.eos_coef <= 1.0:
+            _fail("eos_coef", "in (0, 1]", self.eos_coef)
+        if self.architecture == "detr":
+            # DETR reads layer4 alone and has no deformable attention, box refinement or encoder proposals.
+            unsupported = [f"{name} {getattr(self, name)!r}" for name, ok in (
+                ("num_feature_levels", self.num_feature_levels == 1), ("with_box_refine", not self.with_box_refine),
+                ("two_stage", not self.two_stage),
+                ("checkpoint_activations", not {"encoder", "decoder"} & set(self.checkpoint_activations))) if not ok]
+            if unsupported:
+                raise ConfigError(f"architecture detr is single-scale without box refinement or two-stage: got "
+                                  f"{', '.join(unsupported)} (expected num_feature_levels 1, with_box_refine False, "
+                                  "two_stage False, checkpoint_activations of the backbone at most; --variant detr "
+                                  "sets DETR's settings)")
 
     @property
     def backbone_levels(self) -> int:
@@ -183,6 +220,9 @@ class TrainConfig:
     """SGD with momentum 0.9 instead of AdamW."""
     amp: str | None = None
     """Mixed precision: bf16 or fp16 autocast (fp16 with a gradient scaler); default: float32."""
+    compile: bool = False
+    """torch.compile the model (not the loss): the first call compiles (its time is printed), a new input size may
+    compile again; the same numbers to float32 rounding."""
     seed: int = 42
     """Random seed (each epoch reseeds from seed, epoch and rank, so a resumed run replays an uninterrupted one)."""
     deterministic: bool = False
@@ -220,6 +260,17 @@ class TrainConfig:
     divergence_factor: float = 1000.0
     """Stop before a step whose loss is more than this many times the median loss of the run's first 10 steps (a
     divergence whose numbers stay finite); 0: never. nan/inf losses, predictions and gradients always stop."""
+    ema: bool = False
+    """Keep an exponential moving average of the weights (updated after every applied step), evaluate it and save it
+    in the checkpoints (ddetr eval, predict and export then use it; ddetr eval --raw_weights: the trained ones)."""
+    ema_decay: float = 0.9998
+    """--ema: the average's decay after its warm-up (mmdetection's 1 - momentum, YOLOX's decay)."""
+    ema_tau: float = 2000.0
+    """--ema: warm-up time constant in steps: the n-th update's decay is ema_decay * (1 - exp(-n / ema_tau)); 0: no
+    warm-up (detrex's constant decay)."""
+    evaluator: str = "pycocotools"
+    """COCO evaluation: pycocotools (the official) or faster-coco-eval (the same numbers, faster; pip install
+    faster-coco-eval). It runs once, on the main process."""
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, ("batch_size", "epochs", "lr_drop", "eval_every"))
@@ -228,6 +279,10 @@ class TrainConfig:
         if not isinstance(self.divergence_factor, (int, float)) or not (
                 self.divergence_factor == 0 or 1 < self.divergence_factor < math.inf):
             _fail("divergence_factor", "0 (off) or a finite number > 1", self.divergence_factor)
+        if not _is_number(self.ema_decay) or not 0 <= self.ema_decay < 1:
+            _fail("ema_decay", "a number in [0, 1)", self.ema_decay)
+        if not _is_number(self.ema_tau) or self.ema_tau < 0:
+            _fail("ema_tau", "a finite number of steps >= 0", self.ema_tau)
         for name in ("seed", "start_epoch", "print_freq"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -241,6 +296,8 @@ class TrainConfig:
             _fail("lr_drop_epochs", "positive ints", self.lr_drop_epochs)
         if self.amp is not None and self.amp not in AMP_MODES:
             _fail("amp", f"one of {', '.join(AMP_MODES)} (or None)", self.amp)
+        if self.evaluator not in EVALUATORS:
+            _fail("evaluator", f"one of {', '.join(EVALUATORS)}", self.evaluator)
         if self.drop_class_heads and not self.finetune:
             raise ConfigError("drop_class_heads applies to --finetune CHECKPOINT, and no finetune checkpoint is given")
         if self.resume and self.finetune:
@@ -344,22 +401,38 @@ CONFIG_CLASSES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "
 DATA_SOURCE_FIELDS = ("coco_path", "train_images", "train_json", "val_images", "val_json")
 
 # Fields that the weights depend on: a checkpoint's value of these cannot be overridden.
-ARCHITECTURE_FIELDS = ("num_classes", "backbone", "num_feature_levels", "enc_layers", "dec_layers", "dim_feedforward",
-                       "hidden_dim", "nheads", "num_queries", "dec_n_points", "enc_n_points", "with_box_refine",
-                       "two_stage", "dilation")
+ARCHITECTURE_FIELDS = ("architecture", "num_classes", "backbone", "num_feature_levels", "enc_layers", "dec_layers",
+                       "dim_feedforward", "hidden_dim", "nheads", "num_queries", "dec_n_points", "enc_n_points",
+                       "with_box_refine", "two_stage", "dilation")
 
 
 VARIANTS: dict[str, dict[str, object]] = {
     # configs/r50_deformable_detr.sh
-    "deformable_detr": {},
+    "deformable_detr": {"architecture": "deformable_detr"},
     # configs/r50_deformable_detr_single_scale.sh
-    "single_scale": {"num_feature_levels": 1},
+    "single_scale": {"architecture": "deformable_detr", "num_feature_levels": 1},
     # configs/r50_deformable_detr_single_scale_dc5.sh
-    "single_scale_dc5": {"num_feature_levels": 1, "dilation": True},
+    "single_scale_dc5": {"architecture": "deformable_detr", "num_feature_levels": 1, "dilation": True},
     # configs/r50_deformable_detr_plus_iterative_bbox_refinement.sh
-    "box_refine": {"with_box_refine": True},
+    "box_refine": {"architecture": "deformable_detr", "with_box_refine": True},
     # configs/r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage.sh
-    "two_stage": {"with_box_refine": True, "two_stage": True},
+    "two_stage": {"architecture": "deformable_detr", "with_box_refine": True, "two_stage": True},
+    # facebookresearch/detr main.py defaults (detr_resnet50); DETR's loss: softmax CE 1 / L1 5 / GIoU 2, eos_coef 0.1
+    "detr": {"architecture": "detr", "num_feature_levels": 1, "dim_feedforward": 2048, "num_queries": 100,
+             "set_cost_class": 1.0, "cls_loss_coef": 1.0},
+    # main.py --dilation (detr_resnet50_dc5)
+    "detr_dc5": {"architecture": "detr", "num_feature_levels": 1, "dim_feedforward": 2048, "num_queries": 100,
+                 "set_cost_class": 1.0, "cls_loss_coef": 1.0, "dilation": True},
+}
+
+# The training recipe of a variant where it differs from TrainConfig's defaults (the Deformable DETR recipe):
+# facebookresearch/detr main.py (lr 1e-4, lr_backbone 1e-5, weight_decay 1e-4, clip_max_norm 0.1, 300 epochs,
+# lr_drop 200); the 500-epoch schedule of the paper's best models drops at 400.
+TRAIN_PRESETS: dict[str, dict[str, object]] = {
+    "detr": {"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "clip_max_norm": 0.1, "epochs": 300,
+             "lr_drop": 200},
+    "detr_dc5": {"lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, "clip_max_norm": 0.1, "epochs": 300,
+                 "lr_drop": 200},
 }
 
 
@@ -494,6 +567,13 @@ def check_architecture(wanted: ModelConfig, stored: ModelConfig, source: str, *,
                        allow_num_classes: bool = False) -> None:
     """Raises :class:`ConfigError` naming both values when ``wanted`` differs from the checkpoint's model
     (``stored``) in a field its weights depend on."""
+    if wanted.architecture != stored.architecture:
+        names = {"deformable_detr": "Deformable DETR", "detr": "DETR"}
+        variants = [name for name, preset in VARIANTS.items()
+                    if preset.get("architecture") == stored.architecture]
+        raise ConfigError(f"{source}: the checkpoint holds {names[stored.architecture]} weights (architecture "
+                          f"{stored.architecture!r}), the model asked for is {names[wanted.architecture]} "
+                          f"(architecture {wanted.architecture!r}): use --variant {' or '.join(variants)}, or none")
     clashes = [(name, getattr(wanted, name), getattr(stored, name)) for name in ARCHITECTURE_FIELDS
                if getattr(wanted, name) != getattr(stored, name)
                and not (name == "num_classes" and (allow_num_classes or wanted.num_classes is None))]

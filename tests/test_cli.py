@@ -152,16 +152,15 @@ def test_verify_rejects_a_file_that_is_not_a_reference(tmp_path):
     assert result.returncode == 2 and "not a numpy .npz archive" in result.stderr
 
 
-def test_verify_skips_the_detr_files_of_a_folder_and_refuses_one_named_alone(reference_path, tmp_path):
+def test_verify_checks_the_detr_files_of_a_folder(reference_path, tmp_path):
     folder = tmp_path / "refs"
     folder.mkdir()
     for name in ("detr.npz", "msda_core.npz"):
         (folder / name).symlink_to(reference_path / name)
     result = _ddetr("verify", str(folder), "--backend", "reference")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SKIP" in result.stdout and "DETR (detr)" in result.stdout and "msda_core.npz: 4 passed" in result.stdout
-    result = _ddetr("verify", str(folder / "detr.npz"))
-    assert result.returncode == 2 and "does not implement" in result.stderr
+    assert "SKIP" not in result.stdout and "msda_core.npz: 4 passed" in result.stdout
+    assert "detr.npz: 353 passed, 0 failed" in result.stdout
 
 
 def test_verify_with_a_backend_that_cannot_run_says_why(reference_path):

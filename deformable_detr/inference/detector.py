@@ -6,7 +6,8 @@
 
 Images are prepared by the evaluation transform (:class:`~deformable_detr.data.transforms.EvalTransform`: short side
 ``val_size``, long side at most ``max_size``, ImageNet normalisation), padded into batches with a mask, run through
-the detector and the official post-processing (:func:`~deformable_detr.model.postprocess.decode_detections`: top 100
+the detector and the official post-processing of its architecture (:func:`~deformable_detr.model.build.build_decode`;
+Deformable DETR: :func:`~deformable_detr.model.postprocess.decode_detections`, top 100
 over queries x classes), and the detections scoring at least the threshold are kept. Image files are read upright
 (their EXIF orientation applied, :func:`~deformable_detr.data.images.load_rgb_image`), so boxes are in the pixels of
 the image as a viewer shows it.
@@ -28,8 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from deformable_detr.box_ops import box_cxcywh_to_xyxy
-from deformable_detr.checkpoint import CheckpointError, load_model_state, read_checkpoint, stored_configs
+from deformable_detr.checkpoint import (
+    CheckpointError,
+    load_model_state,
+    model_weights,
+    read_checkpoint,
+    stored_configs,
+)
 from deformable_detr.checkpoint_config import config_from_checkpoint
+from deformable_detr.compile import compile_model
 from deformable_detr.config import OFFICIAL_MAX_SIZE, OFFICIAL_VAL_SIZE, ModelConfig
 from deformable_detr.data.coco_names import COCO_CATEGORIES, COCO_NUM_CLASSES
 from deformable_detr.data.collate import batch_images
@@ -38,9 +46,8 @@ from deformable_detr.data.transforms import EvalTransform, ImageSizeError
 from deformable_detr.device import resolve_device
 from deformable_detr.inference.rewrites import optimize_for_inference
 from deformable_detr.inference.sampling_points import SamplingPointRecorder, SamplingPoints, to_image_pixels
-from deformable_detr.model.build import build_from_config
+from deformable_detr.model.build import build_decode, build_from_config
 from deformable_detr.model.deformable_detr import DeformableDETR
-from deformable_detr.model.postprocess import decode_detections
 
 ImageInput = str | Path | PIL.Image.Image | np.ndarray | Tensor
 """A file path, a PIL image, an (H, W, 3) / (H, W) uint8 array, or a (3, H, W) / (1, H, W) float tensor in [0, 1]."""
@@ -148,13 +155,15 @@ class Detector:
     ``dtype``: float32 (default) or float64 run the model in that precision; float16 / bfloat16 run it under
     autocast (mixed precision; deformable attention and the box arithmetic stay float32). ``optimize`` runs an
     optimised copy (:func:`deformable_detr.inference.rewrites.optimize_for_inference`); without it, ``model`` itself
-    is put in eval mode and moved to ``device``.
+    is put in eval mode and moved to ``device``. ``compile``: run ``torch.compile`` of that model, True with its
+    default backend (inductor), a string with the backend of that name (the first batch compiles, and its time is
+    printed; ``model`` stays the eager module, which ``sampling_points`` runs).
     """
 
     def __init__(self, model: nn.Module, config: ModelConfig, class_names: dict[int, str] | None = None, *,
                  val_size: int = OFFICIAL_VAL_SIZE, max_size: int = OFFICIAL_MAX_SIZE,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, score_threshold: float = 0.5,
-                 optimize: bool = True) -> None:
+                 optimize: bool = True, compile: bool | str = False) -> None:
         if dtype not in (torch.float32, torch.float64, *_HALF_DTYPES):
             raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
         check_score_threshold(score_threshold)
@@ -168,7 +177,12 @@ class Detector:
         self.model = optimize_for_inference(model) if optimize else model
         self.optimized = optimize
         self.model.to(self.device, torch.float64 if dtype == torch.float64 else torch.float32)
+        self.compiled_model = None
+        if compile:
+            self.compiled_model = compile_model(self.model, backend="inductor" if compile is True else compile)
         self.num_detections = config.num_detections
+        # DETR: one detection per query (softmax, no-object dropped); Deformable DETR: top-k over queries x classes.
+        self.decode = build_decode(config)
         # The same decode in the evaluation loop's format (a dict per image), for callers comparing with ddetr eval
         # (benchmarks/e2e.py); run_batch calls decode_detections itself, for the query indices.
         self.class_names = dict(class_names or {})
@@ -181,28 +195,39 @@ class Detector:
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         score_threshold: float = 0.5, *, variant: str | None = None, msda_backend: str = "auto",
                         val_size: int | None = None, max_size: int | None = None, optimize: bool = True,
-                        trusted: bool = False) -> Detector:
-        """A detector from a checkpoint of ``ddetr train`` or of the official code (or a bare state_dict).
+                        trusted: bool = False, compile: bool | str = False, ema: bool = True) -> Detector:
+        """A detector from a checkpoint of ``ddetr train`` or of the official code (or a bare state_dict), or from a
+        Hugging Face folder (:mod:`deformable_detr.inference.hf_format`).
 
         The architecture comes from the checkpoint's stored settings when ``ddetr train`` wrote it, else from its
         weights (see :mod:`deformable_detr.checkpoint_config`; ``variant="single_scale_dc5"`` for a DC5 checkpoint
         without settings). Class names: the checkpoint's ``categories``, else COCO's for 91 classes. The eval
         resize: ``val_size`` / ``max_size`` if given, else the checkpoint's, else the official 800 / 1333.
         ``msda_backend``: the attention kernels to run here (``auto``: what this device runs fastest).
-        ``optimize`` folds the frozen batch norms (:mod:`deformable_detr.inference.rewrites`).
+        ``optimize`` folds the frozen batch norms (:mod:`deformable_detr.inference.rewrites`); ``compile`` runs
+        ``torch.compile`` of the model. ``ema``: the checkpoint's EMA weights when it has them (``ddetr train
+        --ema``, whose evaluations were of them), else its trained weights; False: always the trained weights.
         """
         checkpoint = read_checkpoint(path, map_location="cpu", trusted=trusted)
         config = config_from_checkpoint(checkpoint, str(path), variant=variant, msda_backend=msda_backend)
         model, _, _ = build_from_config(config)
         try:
-            load_model_state(model, checkpoint["model"])
+            load_model_state(model, model_weights(checkpoint, ema)[0])
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from error
         stored = stored_configs(checkpoint, str(path))
         return cls(model, config, class_names_of(checkpoint, config.num_classes),
                    val_size=val_size or (stored.data.val_size if stored else OFFICIAL_VAL_SIZE),
                    max_size=max_size or (stored.data.max_size if stored else OFFICIAL_MAX_SIZE),
-                   device=device, dtype=dtype, score_threshold=score_threshold, optimize=optimize)
+                   device=device, dtype=dtype, score_threshold=score_threshold, optimize=optimize,
+                   compile=compile)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **options: Any) -> Detector:
+        """:meth:`from_checkpoint` under the name transformers users know: ``path`` is a local Hugging Face
+        ``DeformableDetrForObjectDetection`` folder (``config.json`` + ``model.safetensors``; nothing is
+        downloaded), or any checkpoint ``from_checkpoint`` reads; ``options`` are its keywords."""
+        return cls.from_checkpoint(path, **options)
 
     def label_name(self, label: int) -> str:
         return self.class_names.get(int(label), str(int(label)))
@@ -253,7 +278,9 @@ class Detector:
         recorder = SamplingPointRecorder(self.model) if sampling_points else contextlib.nullcontext()
         try:
             with recorder, self._autocast():
-                outputs = self.model(images, mask)
+                # The recorder's hooks sit on the eager module's layers.
+                model = self.model if sampling_points or self.compiled_model is None else self.compiled_model
+                outputs = model(images, mask)
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if isinstance(error, torch.OutOfMemoryError) or "alloc" in str(error).lower():
                 raise MemoryError(
@@ -267,7 +294,7 @@ class Detector:
             sizes = sizes.pin_memory()
         sizes = sizes.to(self.device, non_blocking=True)
         # (B, k) each, boxes (B, k, 4)
-        decoded = decode_detections(logits, boxes, sizes, self.num_detections)
+        decoded = self.decode(logits, boxes, sizes)
         # One device -> host transfer for everything (float64 holds the float32 values and the int64 indices, which
         # are below 2^53, exactly), then the threshold on the host: a boolean mask on the device would wait per use.
         scores, labels, detection_boxes, query_indices = decoded

@@ -156,13 +156,14 @@ def match_image_ids(files: list[Path], ground_truth: list[tuple[str, int]], sour
 def run_predict(checkpoint: str | Path, inputs: list[str], out: str | Path, *, score_threshold: float = 0.5,
                 device: str = "auto", batch_size: int = 1, amp: str | None = None, variant: str | None = None,
                 sampling_points_query: int | None = None, show_sampling_points: bool = False,
-                coco_json: str | Path | None = None, progress: bool = True) -> PredictSummary:
-    """Runs the checkpoint on every input (see the module docstring and :func:`predict_files`)."""
+                coco_json: str | Path | None = None, progress: bool = True, compile: bool = False) -> PredictSummary:
+    """Runs the checkpoint on every input (see the module docstring and :func:`predict_files`); ``compile``:
+    ``torch.compile`` of the model (see :class:`Detector`)."""
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"--amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
     check_score_threshold(score_threshold, "--score_threshold")  # before the checkpoint is read
     detector = Detector.from_checkpoint(checkpoint, device=device, dtype=AMP_DTYPES.get(amp, torch.float32),
-                                        score_threshold=score_threshold, variant=variant)
+                                        score_threshold=score_threshold, variant=variant, compile=compile)
     return predict_files(detector, inputs, out, batch_size=batch_size, sampling_points_query=sampling_points_query,
                          show_sampling_points=show_sampling_points, coco_json=coco_json, progress=progress)
 
@@ -182,6 +183,9 @@ def predict_files(detector: Detector, inputs: list[str], out: str | Path, *, bat
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if sampling_points_query is not None and not show_sampling_points:
         raise ValueError("--sampling_points_query chooses the query that --show_sampling_points draws; add that flag")
+    if show_sampling_points and detector.config.architecture != "deformable_detr":
+        raise ValueError(f"--show_sampling_points draws deformable attention's sampling points; the model is "
+                         f"{detector.config.architecture}, whose attention samples no points")
     if sampling_points_query is not None and not 0 <= sampling_points_query < detector.config.num_queries:
         raise ValueError(f"--sampling_points_query {sampling_points_query}: the model has queries 0.."
                          f"{detector.config.num_queries - 1}")
@@ -282,7 +286,7 @@ def predict_command(args: argparse.Namespace) -> int:
                           device=args.device, batch_size=args.batch_size, amp=args.amp, variant=args.variant,
                           sampling_points_query=args.sampling_points_query,
                           show_sampling_points=args.show_sampling_points, coco_json=args.coco_json,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, compile=args.compile)
     print(f"{summary.images} image(s), {summary.detections} detection(s) with score >= {args.score_threshold} "
           f"written to {Path(args.out) / 'detections.json'}; pictures in {args.out}/")
     if summary.failed:

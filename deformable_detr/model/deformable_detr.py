@@ -216,8 +216,9 @@ class DeformableDETR(nn.Module):
             srcs.append(src)
             masks.append(level_mask)
             pos.append(self.backbone[1](level_mask).to(src.dtype))
-        # (two-stage only: reading the sizes as ints would fix them in a traced or exported graph)
-        problem = self.two_stage and self._positions_problem([(int(src.shape[2]), int(src.shape[3])) for src in srcs])
+        # Two-stage only, and no int(): under torch.export with a dynamic size the shapes are symbolic, and the check
+        # holds for every size from the export's minimum up (an int() would fix the size).
+        problem = self.two_stage and self._positions_problem([(src.shape[2], src.shape[3]) for src in srcs])
         if problem:
             raise ValueError(f"an input of {images.shape[2]}x{images.shape[3]} pixels (height x width) is too small: "
                              f"{problem}")

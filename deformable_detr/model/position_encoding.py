@@ -11,12 +11,14 @@ from torch import Tensor, nn
 class PositionEmbeddingSine(nn.Module):
     """2-D sine/cosine encoding of the pixel coordinates, counted over the valid (unpadded) pixels only.
 
-    Deformable DETR normalises each coordinate to (0, scale] with a half-pixel shift, so that the encoding of a
-    pixel does not depend on how much padding its image received in the batch.
+    Deformable DETR normalises each coordinate to (0, scale] with a half-pixel shift (``offset`` 0.5), so that the
+    encoding of a pixel does not depend on how much padding its image received in the batch; DETR normalises the
+    pixel count itself (``offset`` 0: ``count / last count * scale``).
     """
 
     def __init__(
-        self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True, scale: float = 2 * math.pi
+        self, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True,
+        scale: float = 2 * math.pi, offset: float = 0.5,
     ) -> None:
         super().__init__()
         if num_pos_feats % 2:
@@ -25,6 +27,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
         # Computed once on the CPU and moved with the module: CUDA's pow differs from the CPU's by an ulp, and the
         # padded pixels' coordinates (-0.5 / 1e-6 * scale, about -3e6) turn that ulp into sines that differ by 1e-2.
         # Those pixels never reach the outputs (masked in the attention), but their encoder features did differ
@@ -39,8 +42,9 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+            # x - 0.0 is x exactly: DETR's numbers are unchanged by the subtraction.
+            y_embed = (y_embed - self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed - self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         dim_t = self.dim_t.float()
         # (batch, H, W, num_pos_feats), sin on even features and cos on odd ones, interleaved
         pos_x = x_embed[:, :, :, None] / dim_t

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from deformable_detr.device import upload
 from deformable_detr.model.ms_deform_attn import MSDeformAttn
@@ -54,9 +55,13 @@ class DeformableTransformerEncoderLayer(nn.Module):
 
 
 class DeformableTransformerEncoder(nn.Module):
-    def __init__(self, layers: list[DeformableTransformerEncoderLayer]) -> None:
+    """Stack of encoder layers. ``checkpoint_layers``: in training with gradients on, each layer's activations are
+    recomputed in the backward instead of kept (same dropout masks: the random state is restored)."""
+
+    def __init__(self, layers: list[DeformableTransformerEncoderLayer], checkpoint_layers: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.checkpoint_layers = checkpoint_layers
 
     @staticmethod
     def reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -68,9 +73,10 @@ class DeformableTransformerEncoder(nn.Module):
         device = valid_ratios.device
         per_level = []
         for level, (height, width) in enumerate(spatial_shapes):
+            # arange, not linspace: the same values (k + 0.5, exact in float32), and it follows a symbolic size.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+                torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -84,8 +90,10 @@ class DeformableTransformerEncoder(nn.Module):
         """src, pos: (batch, S, d_model); valid_ratios: (batch, num_levels, 2) -> memory (batch, S, d_model)."""
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
         output = src
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            arguments = (output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            output = checkpoint(layer, *arguments, use_reentrant=False) if recompute else layer(*arguments)
         return output
 
 
@@ -130,14 +138,16 @@ class DeformableTransformerDecoder(nn.Module):
 
     With ``bbox_embed`` (one box head per layer, iterative box refinement), each layer's box prediction becomes
     the next layer's reference, detached. ``class_embed`` is given in the two-stage variant only, where its
-    extra last head scores the encoder proposals; the decoder itself does not call it.
+    extra last head scores the encoder proposals; the decoder itself does not call it. ``checkpoint_layers``: as
+    for the encoder.
     """
 
     def __init__(self, layers: list[DeformableTransformerDecoderLayer], bbox_embed: nn.ModuleList | None = None,
-                 class_embed: nn.ModuleList | None = None) -> None:
+                 class_embed: nn.ModuleList | None = None, checkpoint_layers: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.num_layers = len(layers)
+        self.checkpoint_layers = checkpoint_layers
         if bbox_embed is not None and len(bbox_embed) < self.num_layers:
             raise ValueError(f"bbox_embed has {len(bbox_embed)} heads, need one per decoder layer ({self.num_layers})")
         # Assigned after the layers, as in the official code, which keeps the state_dict order of its checkpoints.
@@ -160,6 +170,7 @@ class DeformableTransformerDecoder(nn.Module):
         """
         output = tgt
         intermediate, intermediate_reference_points = [], []
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
         for layer_index, layer in enumerate(self.layers):
             # Map the (valid-part) reference onto each level's padded extent.
             if reference_points.shape[-1] == 4:
@@ -168,8 +179,9 @@ class DeformableTransformerDecoder(nn.Module):
                 scale = src_valid_ratios
             # (batch, Q, num_levels, 2 or 4)
             reference_points_input = reference_points[:, :, None] * scale[:, None]
-            output = layer(output, query_pos, reference_points_input, src, src_spatial_shapes,
-                           src_level_start_index, src_padding_mask)
+            arguments = (output, query_pos, reference_points_input, src, src_spatial_shapes, src_level_start_index,
+                         src_padding_mask)
+            output = checkpoint(layer, *arguments, use_reentrant=False) if recompute else layer(*arguments)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[layer_index](output)
                 if reference_points.shape[-1] == 4:
@@ -204,7 +216,8 @@ class DeformableTransformer(nn.Module):
                  activation: str = "relu", num_feature_levels: int = 4, dec_n_points: int = 4,
                  enc_n_points: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300,
                  decoder_bbox_embed: nn.ModuleList | None = None, decoder_class_embed: nn.ModuleList | None = None,
-                 msda_backend: str = "auto") -> None:
+                 msda_backend: str = "auto", checkpoint_encoder: bool = False,
+                 checkpoint_decoder: bool = False) -> None:
         super().__init__()
         if two_stage and (decoder_bbox_embed is None or decoder_class_embed is None):
             raise ValueError("two_stage needs decoder_bbox_embed and decoder_class_embed "
@@ -223,12 +236,12 @@ class DeformableTransformer(nn.Module):
             DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels,
                                               nhead, enc_n_points, msda_backend)
             for _ in range(num_encoder_layers)
-        ])
+        ], checkpoint_layers=checkpoint_encoder)
         self.decoder = DeformableTransformerDecoder([
             DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels,
                                               nhead, dec_n_points, msda_backend)
             for _ in range(num_decoder_layers)
-        ], bbox_embed=decoder_bbox_embed, class_embed=decoder_class_embed)
+        ], bbox_embed=decoder_bbox_embed, class_embed=decoder_class_embed, checkpoint_layers=checkpoint_decoder)
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -289,8 +302,8 @@ class DeformableTransformer(nn.Module):
             valid_height = torch.sum(~mask_level[:, :, 0], 1)
             valid_width = torch.sum(~mask_level[:, 0, :], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+                torch.arange(height, dtype=torch.float32, device=memory.device),
+                torch.arange(width, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             # (H, W, 2) (x, y) pixel centres, normalised by the valid extent of each image
@@ -321,8 +334,9 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (num_queries, 2 * d_model) is required unless two_stage")
-        # Python ints from the shapes: the ops read them on the host, no device value is read back.
-        spatial_shapes = [(int(src.shape[2]), int(src.shape[3])) for src in srcs]
+        # Python ints in eager mode: the ops read them on the host, no device value is read back. Not int()-ed: under
+        # torch.export with a dynamic image size they are symbolic, and the exported graph computes them from H x W.
+        spatial_shapes = [(src.shape[2], src.shape[3]) for src in srcs]
         # (batch, S, d_model), levels concatenated
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
@@ -356,6 +370,10 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
+        if torch.compiler.is_exporting():
+            # torch.export fixes the batch size at nn.MultiheadAttention's projections of these strided views (a guard
+            # on their strides in matmul's decomposition); contiguous copies keep it symbolic.
+            query_pos, tgt = query_pos.contiguous(), tgt.contiguous()
         init_reference = reference_points
 
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,

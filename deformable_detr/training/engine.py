@@ -7,6 +7,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from pycocotools.coco import COCO
@@ -16,6 +17,9 @@ from deformable_detr.loss.criterion import SetCriterion
 from deformable_detr.training.distributed import is_main_process, reduce_dict
 from deformable_detr.training.evaluation import CocoEvaluator
 from deformable_detr.training.progress import Progress
+
+if TYPE_CHECKING:
+    from deformable_detr.training.ema import ModelEMA
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The loss terms a progress line shows (weighted, final decoder layer, as the official log keys); the rest of the
@@ -128,7 +132,8 @@ def _loss_logs(criterion: SetCriterion, losses: dict[str, Tensor]) -> tuple[floa
 def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, max_norm: float = 0.1, amp: str | None = None,
                     scaler: torch.amp.GradScaler | None = None, progress: bool = True,
-                    print_freq: int = 10, divergence: DivergenceGuard | None = None) -> dict[str, float]:
+                    print_freq: int = 10, divergence: DivergenceGuard | None = None,
+                    ema: ModelEMA | None = None) -> dict[str, float]:
     """One pass over ``data_loader`` (batches of (images, mask, targets)); returns the epoch averages of the
     official log keys (``loss``, ``loss_ce``, ..., ``class_error``, ``lr``, ``grad_norm``).
 
@@ -136,7 +141,9 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iter
     a gradient scaler) the gradients are nan/inf, or when ``divergence`` says the loss exploded.
 
     Progress goes to stderr on the main process: with ``progress`` a bar when stderr is a terminal, else (or without
-    ``progress``) a line every ``print_freq`` iterations (0: none) and at the last, then a summary line."""
+    ``progress``) a line every ``print_freq`` iterations (0: none) and at the last, then a summary line.
+
+    ``ema``: updated from ``model`` after every optimizer step applied (not after one the fp16 scaler skipped)."""
     model.train()
     criterion.train()
     averages = EpochAverages()
@@ -170,12 +177,19 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iter
             # clip_grad_norm_ with an infinite bound still returns the norm, which the official logs report.
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf).item()
             if scaler is not None:
+                scale = scaler.get_scale() if ema is not None else 0.0
                 scaler.step(optimizer)  # skips a step with inf/nan gradients and lowers the scale: fp16's normal
                 scaler.update()
+                # A fused optimizer skips on the device, with no sign on the host but the lowered scale: one read,
+                # with --ema only (grad_norm's read has synchronised already before the step).
+                stepped = ema is None or scaler.get_scale() >= scale
             elif not math.isfinite(grad_norm):
                 raise _stop(f"the gradient norm is {grad_norm} (loss {loss_value:.4g})", epoch, iteration, logs)
             else:
                 optimizer.step()
+                stepped = True
+            if ema is not None and stepped:
+                ema.update(model)
             lr = optimizer.param_groups[0]["lr"]
             averages.update(loss=loss_value, lr=lr, grad_norm=grad_norm, **logs)
             report.update(loss_value, lr=lr, terms={k: logs[k] for k in PROGRESS_TERMS if k in logs})
@@ -184,16 +198,18 @@ def train_one_epoch(model: nn.Module, criterion: SetCriterion, data_loader: Iter
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: SetCriterion, postprocessors: dict[str, nn.Module], data_loader: Iterable,
-             coco_gt: COCO, device: torch.device, amp: str | None = None, progress: bool = True, print_freq: int = 10
-             ) -> tuple[dict[str, float | list[float]], CocoEvaluator]:
+             coco_gt: COCO, device: torch.device, amp: str | None = None, progress: bool = True, print_freq: int = 10,
+             evaluator: str = "pycocotools") -> tuple[dict[str, float | list[float]], CocoEvaluator]:
     """Losses and COCO bbox AP over ``data_loader``; returns the official log entries (``loss``, ...,
-    ``coco_eval_bbox``: the 12 COCO numbers) and the evaluator (its ``summary`` is pycocotools' table).
+    ``coco_eval_bbox``: the 12 COCO numbers) and the evaluator (its ``summary`` is pycocotools' table, its
+    ``per_class`` the per-class AP). ``evaluator``: pycocotools or faster-coco-eval, run on the main process only;
+    the other processes send it their detections and receive its numbers.
 
     Progress is reported as in ``train_one_epoch``, under the name ``eval``."""
     model.eval()
     criterion.eval()
     averages = EpochAverages()
-    evaluator = CocoEvaluator(coco_gt)
+    coco_evaluator = CocoEvaluator(coco_gt, evaluator)
     with Progress("eval", _length(data_loader), bar=progress, print_freq=print_freq, device=device,
                   quiet=not is_main_process()) as report:
         for images, mask, targets in data_loader:
@@ -206,9 +222,9 @@ def evaluate(model: nn.Module, criterion: SetCriterion, postprocessors: dict[str
             averages.update(loss=loss_value, **logs)
             original_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
             detections = postprocessors["bbox"](outputs, original_sizes)
-            evaluator.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
+            coco_evaluator.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
             report.update(loss_value, terms={k: logs[k] for k in PROGRESS_TERMS if k in logs})
-    evaluator.synchronize_between_processes()
+    coco_evaluator.synchronize_between_processes()
     stats: dict[str, float | list[float]] = dict(averages.averages())
-    stats["coco_eval_bbox"] = evaluator.summarize().tolist()
-    return stats, evaluator
+    stats["coco_eval_bbox"] = coco_evaluator.summarize().tolist()
+    return stats, coco_evaluator

@@ -31,14 +31,17 @@ from deformable_detr.checkpoint import (
     checkpoint_size_estimate,
     load_model_state,
     make_checkpoint,
+    model_weights,
     read_checkpoint,
     remove_interrupted_saves,
     save_checkpoint,
     stored_configs,
 )
 from deformable_detr.checkpoint_config import config_from_checkpoint
+from deformable_detr.compile import compile_model
 from deformable_detr.config import (
     DATA_SOURCE_FIELDS,
+    TRAIN_PRESETS,
     VARIANTS,
     ConfigError,
     DataConfig,
@@ -53,8 +56,9 @@ from deformable_detr.data import CocoDetection, build_coco_dataset, collate_fn, 
 from deformable_detr.device import deterministic_algorithms, resolve_device
 from deformable_detr.model.build import build_from_config
 from deformable_detr.training.distributed import DistributedInfo, init_distributed, peer_failures_reported
+from deformable_detr.training.ema import ModelEMA
 from deformable_detr.training.engine import DivergenceGuard, NonFiniteLossError, evaluate, train_one_epoch
-from deformable_detr.training.evaluation import format_stats
+from deformable_detr.training.evaluation import format_per_class, format_stats, require_evaluator
 from deformable_detr.training.optimizer import build_optimizer
 
 COCO_NUM_CLASSES = 91  # the official COCO label space: category ids 1..90 with gaps, used as labels
@@ -232,6 +236,21 @@ def _check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
                                  f"{', '.join(bad[:3])}): not saved, the checkpoints written so far are intact")
 
 
+def _start_ema(model: torch.nn.Module, train_cfg: TrainConfig, resumed: dict[str, Any] | None, run: _Run
+               ) -> ModelEMA | None:
+    """The weights' moving average of ``--ema`` (None without): resumed from the checkpoint's ``ema`` entry, or
+    started from the model's weights (a new run, a fine-tuning, or a resumed checkpoint without one: said so)."""
+    if not train_cfg.ema:
+        return None
+    ema = ModelEMA(model, train_cfg.ema_decay, train_cfg.ema_tau)
+    if resumed is not None and "ema" in resumed:
+        ema.load_state_dict(resumed["ema"], f"--resume {train_cfg.resume}")
+    elif resumed is not None:
+        run.print(f"--ema: {train_cfg.resume} holds no EMA weights (trained without --ema): the average starts from "
+                  "its model weights, with the warm-up of a new average")
+    return ema
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> dict[str, Any]:
     """Trains as the official ``main()`` and returns the last log entry (the official keys).
 
@@ -243,6 +262,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
     line of ``log.txt`` to ``train_cfg.output_dir``.
     """
     _check_data_given(data_cfg, training=True)
+    require_evaluator(train_cfg.evaluator)
     # Stored as absolute paths, so that the checkpoint's run can be resumed and evaluated from any folder.
     data_cfg = dataclasses.replace(data_cfg, **{name: str(Path(getattr(data_cfg, name)).resolve())
                                                 for name in DATA_SOURCE_FIELDS if getattr(data_cfg, name)})
@@ -305,6 +325,8 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
     if run.info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if train_cfg.compile:  # checkpoints keep saving model_without_ddp, whose names the compiled wrapper prefixes
+        model = compile_model(model, run.print)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     run.print(f"model: {model_cfg}\nnumber of trainable parameters: {n_parameters:,}")
 
@@ -322,8 +344,11 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
         start_epoch = checkpoint["epoch"] + 1
         if scaler is not None and "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
+    ema = _start_ema(model_without_ddp, train_cfg, resumed[0] if resumed is not None else None, run)
+    # With --ema, evaluation during training is of the average (as detrex's), and the log says so.
+    evaluated = ema.module if ema is not None else model
     if run.output_dir and run.info.is_main:
-        _check_free_space(run.output_dir, checkpoint_size_estimate(model_without_ddp, optimizer))
+        _check_free_space(run.output_dir, checkpoint_size_estimate(model_without_ddp, optimizer, ema=ema is not None))
 
     val_loader = _val_loader(val_set, train_cfg.batch_size, data_cfg, run)
     writer = None
@@ -353,7 +378,7 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
                                   pin_memory=run.device.type == "cuda", generator=generator)
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, run.device, epoch,
                                       train_cfg.clip_max_norm, train_cfg.amp, scaler, progress=train_cfg.progress,
-                                      print_freq=train_cfg.print_freq, divergence=divergence)
+                                      print_freq=train_cfg.print_freq, divergence=divergence, ema=ema)
         lr_scheduler.step()
         if train_set.num_skipped:
             run.print(f"epoch {epoch}: {train_set.num_skipped} unreadable or degenerate image(s) skipped so far (see "
@@ -366,18 +391,29 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
             checkpoint = make_checkpoint(
                 model_without_ddp.state_dict(), configs, train_set.categories, optimizer=optimizer.state_dict(),
                 lr_scheduler=lr_scheduler.state_dict(), epoch=epoch,
-                scaler=scaler.state_dict() if scaler is not None else None)
+                scaler=scaler.state_dict() if scaler is not None else None,
+                ema=ema.state_dict() if ema is not None else None)
             save_checkpoint(run.output_dir / "checkpoint.pth", checkpoint)
             # Extra numbered checkpoints before the lr drop and every 5 epochs, as the official main.py.
             if (epoch + 1) % train_cfg.lr_drop == 0 or (epoch + 1) % 5 == 0:
                 save_checkpoint(run.output_dir / f"checkpoint{epoch:04}.pth", checkpoint)
         log_stats = {**_stats_entry("train", train_stats), "epoch": epoch, "n_parameters": n_parameters}
         if (epoch + 1) % train_cfg.eval_every == 0 or epoch == train_cfg.epochs - 1:
-            test_stats, _ = evaluate(model, criterion, postprocessors, val_loader, val_set.coco, run.device,
-                                     train_cfg.amp, progress=train_cfg.progress, print_freq=train_cfg.print_freq)
+            test_stats, coco_evaluator = evaluate(
+                evaluated, criterion, postprocessors, val_loader, val_set.coco, run.device, train_cfg.amp,
+                progress=train_cfg.progress, print_freq=train_cfg.print_freq, evaluator=train_cfg.evaluator)
+            if run.output_dir and run.info.is_main:
+                # As the official main.py: the accumulated COCOeval arrays to eval/latest.pth, and every 50 epochs
+                # to eval/NNN.pth; latest.json: the per-class AP (as ddetr eval's eval.json).
+                (run.output_dir / "eval").mkdir(exist_ok=True)
+                coco_evaluator.save(run.output_dir / "eval" / "latest.json",
+                                    [run.output_dir / "eval" / name
+                                     for name in ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])],
+                                    {"epoch": epoch, **_stats_entry("test", test_stats)})
             log_stats = {**_stats_entry("train", train_stats), **_stats_entry("test", test_stats), "epoch": epoch,
-                         "n_parameters": n_parameters}
-            run.print(f"epoch {epoch}: COCO bbox\n{format_stats(test_stats['coco_eval_bbox'])}")
+                         "n_parameters": n_parameters, **({"test_weights": "ema"} if ema is not None else {})}
+            run.print(f"epoch {epoch}: COCO bbox{' of the EMA weights' if ema is not None else ''}\n"
+                      f"{format_stats(test_stats['coco_eval_bbox'])}")
         if run.output_dir and run.info.is_main:
             with (run.output_dir / "log.txt").open("a") as log:
                 log.write(json.dumps(log_stats) + "\n")
@@ -395,17 +431,21 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
 
 
 def evaluate_checkpoint(path: str | Path, data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
-                        model_overrides: dict[str, Any] | None = None, *, variant: str | None = None
-                        ) -> dict[str, Any]:
+                        model_overrides: dict[str, Any] | None = None, *, variant: str | None = None,
+                        raw_weights: bool = False) -> dict[str, Any]:
     """COCO bbox evaluation of the model in checkpoint ``path`` (ours or official): the official ``--eval``.
 
     The model is rebuilt from the checkpoint. ``data_cfg``: the validation data and sizes (default: those the
     checkpoint was trained with). ``train_cfg``: the run settings used here (device, batch_size, amp, output_dir,
-    progress, print_freq, dist_url). ``model_overrides``: settings of the model that its weights do not depend on
-    (e.g. ``msda_backend``, ``num_detections``); an architecture setting that differs is an error naming both
-    values. ``variant``: for an official checkpoint without settings, what its weights cannot tell (DC5).
-    Returns the official ``test_*`` entries (``test_coco_eval_bbox``: the 12 COCO numbers) and writes them to
-    ``OUTPUT_DIR/eval.json``.
+    progress, print_freq, dist_url, evaluator). ``model_overrides``: settings of the model that its weights do not
+    depend on (e.g. ``msda_backend``, ``num_detections``); an architecture setting that differs is an error naming
+    both values. ``variant``: for an official checkpoint without settings, what its weights cannot tell (DC5).
+    The checkpoint's EMA weights (``ddetr train --ema``) are evaluated when it has them (then the entries get
+    ``test_weights: "ema"``), its trained weights with ``raw_weights`` or when it has none.
+    Returns the official ``test_*`` entries (``test_coco_eval_bbox``: the 12 COCO numbers) and the evaluation's
+    report (``bbox``: the 12 numbers by name, ``per_class``: AP and AP50 per category, ``num_images``,
+    ``num_detections``, ``evaluator``), and writes them to ``OUTPUT_DIR/eval.json``, with COCOeval's accumulated
+    arrays (the official ``eval.pth``) to ``OUTPUT_DIR/eval.pth``.
     """
     train_cfg = train_cfg or TrainConfig()
     checkpoint = read_checkpoint(path)
@@ -417,14 +457,15 @@ def evaluate_checkpoint(path: str | Path, data_cfg: DataConfig | None = None, tr
         runs = stored_configs(checkpoint, str(path))
         data_cfg = runs.data if runs is not None else DataConfig()
     _check_data_given(data_cfg, training=False)
+    require_evaluator(train_cfg.evaluator)
 
     run = _start_run(train_cfg)
     with peer_failures_reported(run.info, train_cfg.dist_timeout):
-        return _evaluate_run(run, path, checkpoint, model_cfg, data_cfg, train_cfg)
+        return _evaluate_run(run, path, checkpoint, model_cfg, data_cfg, train_cfg, raw_weights)
 
 
 def _evaluate_run(run: _Run, path: str | Path, checkpoint: dict[str, Any], model_cfg: ModelConfig,
-                  data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+                  data_cfg: DataConfig, train_cfg: TrainConfig, raw_weights: bool = False) -> dict[str, Any]:
     val_set = _dataset("val", data_cfg, run.info)
     largest = max(val_set.category_ids, default=0)
     if largest >= model_cfg.num_classes:
@@ -432,19 +473,27 @@ def _evaluate_run(run: _Run, path: str | Path, checkpoint: dict[str, Any], model
                           "classes: evaluate on data with its categories, or fine-tune it on these with --finetune "
                           f"{path} --drop_class_heads")
     model, criterion, postprocessors = build_from_config(model_cfg)
-    load_model_state(model, checkpoint["model"])
+    weights, which = model_weights(checkpoint, ema=not raw_weights)
+    load_model_state(model, weights)
+    if which == "ema":
+        run.print(f"evaluating the EMA weights of {path} ({checkpoint['ema'].get('updates')} updates; --raw_weights: "
+                  "the trained weights)")
     model.to(run.device)
     if run.info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if train_cfg.compile:
+        model = compile_model(model, run.print)
     val_loader = _val_loader(val_set, train_cfg.batch_size, data_cfg, run)
     stats, evaluator = evaluate(model, criterion, postprocessors, val_loader, val_set.coco, run.device, train_cfg.amp,
-                                progress=train_cfg.progress, print_freq=train_cfg.print_freq)
-    entry = _stats_entry("test", stats)
-    run.print(evaluator.summary)
+                                progress=train_cfg.progress, print_freq=train_cfg.print_freq,
+                                evaluator=train_cfg.evaluator)
+    entry = {**_stats_entry("test", stats), **({"test_weights": "ema"} if which == "ema" else {})}
+    run.print(f"{evaluator.summary}\nper-class AP (IoU .50:.95 and .50, area all, maxDets 100):\n"
+              f"{format_per_class(evaluator.per_class)}")
     if run.output_dir and run.info.is_main:
-        (run.output_dir / "eval.json").write_text(json.dumps(entry))
-    return entry
+        evaluator.save(run.output_dir / "eval.json", [run.output_dir / "eval.pth"], entry)
+    return {**entry, **evaluator.report()}
 
 
 # ----------------------------------------------------------------------------- settings given on a command line
@@ -460,7 +509,9 @@ def run_configs_from_settings(settings: dict[str, dict[str, Any]], variant: str 
     ``num_classes`` comes from the new data unless given), and the recipe and data of the settings alone.
     """
     model_settings = {**(VARIANTS[variant] if variant else {}), **settings["model"]}
-    train_settings, data_settings = dict(settings["train"]), dict(settings["data"])
+    # The variant's recipe where it differs from the defaults (DETR's), under the settings given.
+    train_settings = {**(TRAIN_PRESETS.get(variant, {}) if variant else {}), **settings["train"]}
+    data_settings = dict(settings["data"])
     source = train_settings.get("resume") or train_settings.get("finetune")
     if not source:
         return RunConfigs(ModelConfig(**model_settings), TrainConfig(**train_settings), DataConfig(**data_settings))
@@ -477,7 +528,7 @@ def run_configs_from_settings(settings: dict[str, dict[str, Any]], variant: str 
         return RunConfigs(model, TrainConfig(**train_settings), DataConfig(**data_settings))
     # The stored run continues: its recipe, without the start it had (a fine-tuned run resumes from its own weights).
     train_cfg = dataclasses.replace(stored.train, finetune="", drop_class_heads=False, start_epoch=0,
-                                    **train_settings)
+                                    **settings["train"])
     return RunConfigs(model, train_cfg, merge_data(stored.data, data_settings))
 
 

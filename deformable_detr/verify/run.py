@@ -3,7 +3,8 @@
 A reference file (``../shared/reference/*.npz``, made by the official implementation) is one of:
 
 * a model-variant file (``meta.variant``): ddetr-init-v1 weights, eval mode, forward, criterion, backward of the
-  weighted total loss, post-processing; plus intermediate values (``dbg.*``) recorded by forward hooks;
+  weighted total loss, post-processing; plus intermediate values (``dbg.*``) recorded by forward hooks; the DETR
+  files (made by facebookresearch/detr) run the same procedure in ``deformable_detr.verify.detr``;
 * the MSDA core case (``msda.*``): the op's output and its three input gradients, in float64;
 * the eval-transform cases (``c<i>.*``): the official target preparation and validation transform on regenerated
   synthetic images (``deformable_detr.verify.eval_transform``).
@@ -25,6 +26,7 @@ from deformable_detr.config import VARIANTS
 from deformable_detr.model.build import build_model
 from deformable_detr.ops import ms_deform_attn
 from deformable_detr.verify.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
+from deformable_detr.verify.detr import DETR_VARIANTS, compare_detr, run_detr_case
 from deformable_detr.verify.eval_transform import compare_eval_transform, run_eval_transform_case
 from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
@@ -33,9 +35,6 @@ from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 # (two-stage) turns the proposals into the first decoder layer's queries, from which its sampling offsets come.
 UPSTREAM_OF_SAMPLING = ("backbone.", "input_proj.", "level_embed", "sampling_offsets", "reference_points",
                         "query_embed", "pos_trans")
-
-# The reference folder also holds DETR (Carion et al. 2020) files, for a DETR implementation still to come.
-DETR_VARIANTS = ("detr", "detr_dc5")
 
 OUTPUT_REL_TOL = 2e-5
 LOSS_REL_TOL = 3e-5
@@ -76,7 +75,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class UnsupportedReferenceError(ReferenceFileError):
-    """A valid reference file of a model this version does not implement."""
+    """A valid reference file of a model this version does not implement (none at present: kept for callers)."""
 
 
 def load_reference(path: str | Path) -> dict[str, np.ndarray]:
@@ -91,12 +90,12 @@ def load_reference(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def reference_kind(reference: dict[str, np.ndarray], source: str = "reference") -> str:
-    """'model' (a variant file), 'msda' (the MSDA core case) or 'eval_transform'."""
+    """'model' (a Deformable DETR variant file), 'detr' (a DETR variant file), 'msda' (the MSDA core case) or
+    'eval_transform'."""
     if "meta.variant" in reference:
         variant = str(reference["meta.variant"])
         if variant in DETR_VARIANTS:
-            raise UnsupportedReferenceError(f"{source}: a reference file of DETR ({variant}), which this version of "
-                                            "deformable-detr does not implement; it checks Deformable DETR only")
+            return "detr"
         if variant not in VARIANTS:
             raise ReferenceFileError(f"{source}: meta.variant is {variant!r}, not one of {', '.join(VARIANTS)}")
         return "model"
@@ -404,6 +403,9 @@ def _verify_reference(reference: dict[str, np.ndarray], device: str, backend: st
     if kind == "eval_transform":
         computed = run_eval_transform_case(reference)
         return compare_eval_transform(computed, reference), computed
+    if kind == "detr":  # no deformable attention: the backend does not apply
+        computed = run_detr_case(reference, device)
+        return compare_detr(computed, reference), computed
     computed = run_model_case(reference, device, backend)
     return compare_model(computed, reference), computed
 
