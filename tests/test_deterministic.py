@@ -12,7 +12,7 @@ from helpers.tiny import TINY_MODEL_FLAGS, TINY_RUN_FLAGS, data_flags
 from deformable_detr.cli import main
 from deformable_detr.data import make_synthetic_dataset
 from deformable_detr.device import deterministic_algorithms
-from deformable_detr.training import engine
+from deformable_detr.training import train as train_module
 
 
 def _mode() -> tuple[bool, bool]:
@@ -28,13 +28,13 @@ def synthetic(tmp_path_factory):
 def test_train_deterministic_trains_in_deterministic_mode_and_restores_the_settings(synthetic, tmp_path,
                                                                                    monkeypatch, capsys):
     modes = []
-    original_epoch = engine.train_one_epoch
+    original_epoch = train_module.train_one_epoch
 
     def train_one_epoch(*args, **kwargs):
         modes.append(_mode())
         return original_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(train_module, "train_one_epoch", train_one_epoch)
     flags = ["train", *TINY_MODEL_FLAGS, *TINY_RUN_FLAGS, *data_flags(synthetic), "--no_progress", "--print_freq", "0",
              "--epochs", "1", "--eval_every", "100", "--deterministic"]
     assert main([*flags, "--output_dir", str(tmp_path / "run")]) == 0

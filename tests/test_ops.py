@@ -741,9 +741,9 @@ def test_dispatch_triton_runs_the_triton_kernels(monkeypatch):
     for name in ("msda_forward", "msda_backward"):
         original = getattr(triton_kernels, name)
 
-        def spy(*args, _name=name, _original=original):
+        def spy(*args, _name=name, _original=original, **kwargs):
             calls.append(_name)
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(triton_kernels, name, spy)
     assert "triton" in available_backends(DEVICES["triton"])
