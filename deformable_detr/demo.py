@@ -1,5 +1,5 @@
 """``ddetr demo``: the main job on the embedded default. Generates the synthetic shapes dataset, trains a small
-Deformable DETR from scratch on it (CPU, about 13 minutes on 2 cores), evaluates it with COCO AP and draws its
+Deformable DETR from scratch on it (CPU, about 9 minutes on 2 cores), evaluates it with COCO AP and draws its
 predictions on validation images."""
 
 from __future__ import annotations
