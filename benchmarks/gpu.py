@@ -343,7 +343,7 @@ def time_inference(model: torch.nn.Module, postprocess: torch.nn.Module, device:
 
 def training_part(device: torch.device, backends: list[str], sizes: Sizes) -> dict:
     records = []
-    settings = argparse.Namespace(variant=TRAINING_VARIANT, batch=sizes.training_batch,
+    settings = argparse.Namespace(batch=sizes.training_batch,
                                   size=[sizes.height, sizes.width], boxes=7, warmup=sizes.training_warmup,
                                   iterations=sizes.training_iterations)
     for backend in backends:
@@ -352,7 +352,7 @@ def training_part(device: torch.device, backends: list[str], sizes: Sizes) -> di
                       "batch": sizes.training_batch, "size": [sizes.height, sizes.width]}
 
             def body(backend=backend, amp=amp) -> dict:
-                cell = train_step.time_cell(settings, device, backend, amp)
+                cell = train_step.time_cell(settings, TRAINING_VARIANT, device, backend, amp)
                 measured = {"step_s": cell["step_s"], "images_per_s": cell["images_per_s"]}
                 if "peak_GiB" in cell:
                     measured["peak_bytes"] = int(cell["peak_GiB"] * 2**30)

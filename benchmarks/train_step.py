@@ -67,9 +67,9 @@ class TimedBatches:
         self.times.append(time.perf_counter() - start)
 
 
-def time_cell(args: argparse.Namespace, device: torch.device, backend: str, amp: str | None) -> dict:
+def time_cell(args: argparse.Namespace, variant: str, device: torch.device, backend: str, amp: str | None) -> dict:
     torch.manual_seed(0)
-    config = model_config(args.variant, num_classes=91, msda_backend=backend)
+    config = model_config(variant, num_classes=91, msda_backend=backend)
     model, criterion, _ = build_from_config(config)
     model.to(device)
     optimizer = build_optimizer(model)
@@ -81,7 +81,7 @@ def time_cell(args: argparse.Namespace, device: torch.device, backend: str, amp:
     train_one_epoch(model, criterion, batches, optimizer, device, epoch=0, amp=amp, scaler=scaler, progress=False,
                     print_freq=0)
     timed = batches.times[args.warmup:]
-    record = {"variant": args.variant, "device": str(device), "backend": backend, "amp": amp or "fp32",
+    record = {"variant": variant, "device": str(device), "backend": backend, "amp": amp or "fp32",
               "batch": args.batch, "size": list(args.size), "step_s": statistics.median(timed),
               "images_per_s": args.batch / statistics.median(timed)}
     if device.type == "cuda":
@@ -91,7 +91,9 @@ def time_cell(args: argparse.Namespace, device: torch.device, backend: str, amp:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="deformable_detr", choices=list(VARIANTS))
+    parser.add_argument("--variant", nargs="+", default=["deformable_detr"], choices=list(VARIANTS),
+                        help="one or more variants, timed side by side (e.g. detr deformable_detr: the cost side of "
+                        "the convergence trade; DETR has no deformable attention, so its backend is moot)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", nargs="+", default=None, help="default: triton and reference on CUDA, cpu and "
                         "reference on the CPU")
@@ -108,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends or (["triton", "reference"] if device.type == "cuda" else ["cpu", "reference"])
     precisions = args.amp or ["fp32", "bf16"]
     records = []
-    for backend in backends:
-        for amp in precisions:
-            record = time_cell(args, device, backend, None if amp == "fp32" else amp)
-            records.append(record)
-            if not args.json:
-                memory = f", peak {record['peak_GiB']:.2f} GiB" if "peak_GiB" in record else ""
-                print(f"{args.variant} {device} {backend:9s} {record['amp']}: {1e3 * record['step_s']:.1f} ms/step, "
-                      f"{record['images_per_s']:.1f} images/s{memory}", flush=True)
+    for variant in args.variant:
+        for backend in backends:
+            for amp in precisions:
+                record = time_cell(args, variant, device, backend, None if amp == "fp32" else amp)
+                records.append(record)
+                if not args.json:
+                    memory = f", peak {record['peak_GiB']:.2f} GiB" if "peak_GiB" in record else ""
+                    print(f"{variant} {device} {backend:9s} {record['amp']}: {1e3 * record['step_s']:.1f} ms/step, "
+                          f"{record['images_per_s']:.1f} images/s{memory}", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     if args.json:
         print(json.dumps({"device_name": name, "torch": torch.__version__, "records": records}, indent=2))
