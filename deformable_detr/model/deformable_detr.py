@@ -111,6 +111,21 @@ class DetectorOutput:
         return keys
 
 
+def check_images_and_mask(images: Tensor, mask: Tensor | None) -> Tensor:
+    """The detectors' input check: images (batch, 3, H, W) floating point, mask (batch, H, W) bool (True on
+    padding) or None for no padding; returns the mask."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (batch, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a normalised floating-point tensor, got {images.dtype}")
+    if mask is None:
+        return torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+    if mask.shape != (images.shape[0], *images.shape[2:]) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])} (batch, H, W), "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    return mask
+
+
 class DeformableDETR(nn.Module):
     """Deformable DETR (Zhu et al. 2020).
 
@@ -195,17 +210,7 @@ class DeformableDETR(nn.Module):
             images: (batch, 3, H, W) normalised images, zero-padded to a common size.
             mask: (batch, H, W) bool, True on padding; None means no padding.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (batch, 3, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be a normalised floating-point tensor, got {images.dtype}")
-        if mask is None:
-            mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
-        elif mask.shape != (images.shape[0], *images.shape[2:]) or mask.dtype != torch.bool:
-            raise ValueError(
-                f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])} (batch, H, W), "
-                f"got {mask.dtype} {tuple(mask.shape)}"
-            )
+        mask = check_images_and_mask(images, mask)
         features, pos = self.backbone(images, mask)
         srcs = [projection(level_features) for projection, (level_features, _) in zip(self.input_proj, features)]
         masks = [level_mask for _, level_mask in features]

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from deformable_detr.box_ops import box_cxcywh_to_xyxy
 from deformable_detr.model.backbone import Joiner
-from deformable_detr.model.deformable_detr import MLP, DetectorOutput
+from deformable_detr.model.deformable_detr import MLP, DetectorOutput, check_images_and_mask
 from deformable_detr.model.detr_transformer import DETRTransformer
+from deformable_detr.model.postprocess import check_prediction_shapes
 
 
 class DETR(nn.Module):
@@ -55,15 +56,7 @@ class DETR(nn.Module):
             ``pred_logits`` (batch, Q, num_classes + 1), ``pred_boxes`` (batch, Q, 4) normalised cxcywh of the last
             decoder layer, ``aux_outputs`` the same for layers 1..L-1.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (batch, 3, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be a normalised floating-point tensor, got {images.dtype}")
-        if mask is None:
-            mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
-        elif mask.shape != (images.shape[0], *images.shape[2:]) or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor of shape {(images.shape[0], *images.shape[2:])} "
-                             f"(batch, H, W), got {mask.dtype} {tuple(mask.shape)}")
+        mask = check_images_and_mask(images, mask)
         features, pos = self.backbone(images, mask)
         (feature_map, feature_mask), = features
         result = self.transformer(self.input_proj(feature_map), feature_mask, self.query_embed.weight, pos[-1])
@@ -88,13 +81,7 @@ def detr_scores(pred_logits: Tensor, pred_boxes: Tensor, target_sizes: Tensor) -
     Returns:
         scores (batch, Q), labels (batch, Q) int64 in [0, C), boxes (batch, Q, 4) (x0, y0, x1, y1) pixels.
     """
-    batch, num_queries, _ = pred_logits.shape
-    if pred_boxes.shape != (batch, num_queries, 4):
-        raise ValueError(f"pred_boxes must have shape (batch, Q, 4) = ({batch}, {num_queries}, 4) to match "
-                         f"pred_logits {tuple(pred_logits.shape)}, got {tuple(pred_boxes.shape)}")
-    if target_sizes.dim() != 2 or target_sizes.shape != (batch, 2):
-        raise ValueError(f"target_sizes must have shape (batch, 2) = ({batch}, 2) as (height, width), "
-                         f"got {tuple(target_sizes.shape)}")
+    check_prediction_shapes(pred_logits, pred_boxes, target_sizes)
     scores, labels = F.softmax(pred_logits, -1)[..., :-1].max(-1)
     image_height, image_width = target_sizes.unbind(1)
     scale = torch.stack([image_width, image_height, image_width, image_height], dim=1).to(pred_boxes.dtype)

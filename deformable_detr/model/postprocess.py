@@ -12,6 +12,17 @@ from torch import Tensor, nn
 from deformable_detr.box_ops import box_cxcywh_to_xyxy
 
 
+def check_prediction_shapes(pred_logits: Tensor, pred_boxes: Tensor, target_sizes: Tensor) -> None:
+    """pred_logits (batch, Q, classes), pred_boxes (batch, Q, 4) and target_sizes (batch, 2) must agree."""
+    batch, num_queries, _ = pred_logits.shape
+    if pred_boxes.shape != (batch, num_queries, 4):
+        raise ValueError(f"pred_boxes must have shape (batch, Q, 4) = ({batch}, {num_queries}, 4) to match "
+                         f"pred_logits {tuple(pred_logits.shape)}, got {tuple(pred_boxes.shape)}")
+    if target_sizes.dim() != 2 or target_sizes.shape != (batch, 2):
+        raise ValueError(f"target_sizes must have shape (batch, 2) = ({batch}, 2) as (height, width), "
+                         f"got {tuple(target_sizes.shape)}")
+
+
 def decode_detections(pred_logits: Tensor, pred_boxes: Tensor, target_sizes: Tensor, num_detections: int = 100
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The official post-processing: the top ``num_detections`` (query, class) pairs by sigmoid score over all
@@ -29,13 +40,8 @@ def decode_detections(pred_logits: Tensor, pred_boxes: Tensor, target_sizes: Ten
         query of each detection (``boxes[b, i]`` is query ``query_indices[b, i]``'s box). k = min(num_detections,
         Q * C).
     """
+    check_prediction_shapes(pred_logits, pred_boxes, target_sizes)
     batch, num_queries, num_classes = pred_logits.shape
-    if pred_boxes.shape != (batch, num_queries, 4):
-        raise ValueError(f"pred_boxes must have shape (batch, Q, 4) = ({batch}, {num_queries}, 4) to match "
-                         f"pred_logits {tuple(pred_logits.shape)}, got {tuple(pred_boxes.shape)}")
-    if target_sizes.dim() != 2 or target_sizes.shape != (batch, 2):
-        raise ValueError(f"target_sizes must have shape (batch, 2) = ({batch}, 2) as (height, width), "
-                         f"got {tuple(target_sizes.shape)}")
     if num_detections < 1:
         raise ValueError(f"num_detections must be >= 1, got {num_detections}")
     k = min(num_detections, num_queries * num_classes)

@@ -23,6 +23,8 @@ from scipy.optimize import linear_sum_assignment
 from deformable_detr.loss.matcher import HungarianMatcher, Indices
 from deformable_detr.model.build import build_model
 from deformable_detr.verify.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
+from deformable_detr.verify.recording import record_gradients_and_detections
+from deformable_detr.verify.recording import to_numpy as _numpy
 from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
 DETR_VARIANTS = ("detr", "detr_dc5")
@@ -45,10 +47,6 @@ def _stats(tensor: torch.Tensor) -> np.ndarray:
     """[sum, sum|x|, sum x^2, min, max] in float64, as the reference's ``stats`` vectors."""
     x = tensor.detach().double()
     return np.array([x.sum().item(), x.abs().sum().item(), (x * x).sum().item(), x.min().item(), x.max().item()])
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy()
 
 
 class _StoredAssignments(HungarianMatcher):
@@ -189,25 +187,7 @@ def _run_detr_case(reference: dict[str, np.ndarray], device: str) -> dict[str, n
     computed["loss.num_boxes"] = np.float32(criterion.average_num_boxes(targets, images.device))
 
     total.backward()
-    parameters = dict(model.named_parameters())
-    for name in (str(n) for n in reference["grad.names"]):
-        if name not in parameters:
-            raise ReferenceFileError(f"grad.names lists {name!r}, which is not a parameter of the {variant} model")
-        grad = parameters[name].grad
-        computed[f"grad.{name}"] = _numpy(grad) if grad is not None else np.zeros(tuple(parameters[name].shape),
-                                                                                    np.float32)
-    computed["grad.names"] = np.array([str(n) for n in reference["grad.names"]])
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    computed["gradnorm.names"] = np.array([n for n, _ in trainable])
-    norms = [p.grad.detach().norm(2) if p.grad is not None else torch.zeros((), device=device) for _, p in trainable]
-    computed["gradnorm.values"] = np.array([n.item() for n in norms], dtype=np.float64)
-    computed["gradnorm.total"] = np.float32(torch.norm(torch.stack(norms), 2).item())
-
-    target_sizes = torch.from_numpy(reference["post.target_sizes"]).to(device)
-    computed["post.target_sizes"] = _numpy(target_sizes)
-    for b, result in enumerate(postprocessors["bbox"](outputs, target_sizes)):
-        for key in ("scores", "labels", "boxes"):
-            computed[f"post.{b}.{key}"] = _numpy(result[key])
+    record_gradients_and_detections(computed, reference, model, outputs, postprocessors, variant, device)
     return computed
 
 

@@ -28,6 +28,8 @@ from deformable_detr.ops import ms_deform_attn
 from deformable_detr.verify.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
 from deformable_detr.verify.detr import DETR_VARIANTS, compare_detr, run_detr_case
 from deformable_detr.verify.eval_transform import compare_eval_transform, run_eval_transform_case
+from deformable_detr.verify.recording import record_gradients_and_detections
+from deformable_detr.verify.recording import to_numpy as _numpy
 from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
 # Gradients of these parameters flow through the MSDA sampling locations, whose bilinear derivative jumps at
@@ -68,10 +70,6 @@ def _stats_error(computed: np.ndarray, reference: np.ndarray) -> float:
                    abs(c[2] - r[2]) / max(abs(r[2]), 1e-30) / 2,  # x^2 doubles the relative error of x
                    abs(c[3] - r[3]) / extreme_scale, abs(c[4] - r[4]) / extreme_scale]
     return float(max(errors))
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().cpu().numpy()
 
 
 class UnsupportedReferenceError(ReferenceFileError):
@@ -239,27 +237,7 @@ def run_model_case(reference: dict[str, np.ndarray], device: str = "cpu", backen
             computed[f"{prefix}.{b}.cost"] = _numpy(cost)
 
     total.backward()
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    for name in reference["grad.names"]:
-        name = str(name)
-        if name not in parameters:
-            raise ReferenceFileError(f"grad.names lists {name!r}, which is not a parameter of the {variant} model")
-        grad = parameters[name].grad
-        computed[f"grad.{name}"] = _numpy(grad) if grad is not None else np.zeros(tuple(parameters[name].shape),
-                                                                                    np.float32)
-    computed["grad.names"] = np.array([str(n) for n in reference["grad.names"]])
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    computed["gradnorm.names"] = np.array([n for n, _ in trainable])
-    norms = [p.grad.detach().norm(2) if p.grad is not None else torch.zeros((), device=device)
-             for _, p in trainable]
-    computed["gradnorm.values"] = np.array([n.item() for n in norms], dtype=np.float64)
-    computed["gradnorm.total"] = np.float32(torch.norm(torch.stack(norms), 2).item())
-
-    target_sizes = torch.from_numpy(reference["post.target_sizes"]).to(device)
-    computed["post.target_sizes"] = _numpy(target_sizes)
-    for b, result in enumerate(postprocessors["bbox"](outputs, target_sizes)):
-        for key in ("scores", "labels", "boxes"):
-            computed[f"post.{b}.{key}"] = _numpy(result[key])
+    record_gradients_and_detections(computed, reference, model, outputs, postprocessors, variant, device)
     return computed
 
 
