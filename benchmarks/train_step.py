@@ -72,6 +72,7 @@ def time_cell(args: argparse.Namespace, variant: str, device: torch.device, back
     config = model_config(variant, num_classes=91, msda_backend=backend)
     model, criterion, _ = build_from_config(config)
     model.to(device)
+    criterion.to(device)
     optimizer = build_optimizer(model)
     batch = make_batch(args.batch, *args.size, args.boxes, 91)
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None

@@ -321,6 +321,7 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
     else:
         load_pretrained_backbone(model, train_cfg.pretrained_backbone)
     model.to(run.device)
+    criterion.to(run.device)  # DETR's criterion holds its class weights as a buffer
     model_without_ddp = model
     if run.info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -479,6 +480,7 @@ def _evaluate_run(run: _Run, path: str | Path, checkpoint: dict[str, Any], model
         run.print(f"evaluating the EMA weights of {path} ({checkpoint['ema'].get('updates')} updates; --raw_weights: "
                   "the trained weights)")
     model.to(run.device)
+    criterion.to(run.device)  # DETR's criterion holds its class weights as a buffer
     if run.info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
