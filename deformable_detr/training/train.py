@@ -377,10 +377,14 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
         train_loader = DataLoader(train_set, train_cfg.batch_size, sampler=train_sampler, drop_last=not partial_batch,
                                   collate_fn=collate_fn, num_workers=data_cfg.num_workers,
                                   pin_memory=run.device.type == "cuda", generator=generator)
+        epoch_started = time.time()
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, run.device, epoch,
                                       train_cfg.clip_max_norm, train_cfg.amp, scaler, progress=train_cfg.progress,
                                       print_freq=train_cfg.print_freq, divergence=divergence, ema=ema)
         lr_scheduler.step()
+        # Seconds of this epoch's training pass (checkpointing and evaluation not counted): the time axis of
+        # convergence curves (ddetr study), summed over a resumed run's log.
+        epoch_time = time.time() - epoch_started
         if train_set.num_skipped:
             run.print(f"epoch {epoch}: {train_set.num_skipped} unreadable or degenerate image(s) skipped so far (see "
                       "the warnings above)")
@@ -398,8 +402,10 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
             # Extra numbered checkpoints before the lr drop and every 5 epochs, as the official main.py.
             if (epoch + 1) % train_cfg.lr_drop == 0 or (epoch + 1) % 5 == 0:
                 save_checkpoint(run.output_dir / f"checkpoint{epoch:04}.pth", checkpoint)
-        log_stats = {**_stats_entry("train", train_stats), "epoch": epoch, "n_parameters": n_parameters}
+        log_stats = {**_stats_entry("train", train_stats), "epoch": epoch, "n_parameters": n_parameters,
+                     "epoch_time": epoch_time}
         if (epoch + 1) % train_cfg.eval_every == 0 or epoch == train_cfg.epochs - 1:
+            eval_started = time.time()
             test_stats, coco_evaluator = evaluate(
                 evaluated, criterion, postprocessors, val_loader, val_set.coco, run.device, train_cfg.amp,
                 progress=train_cfg.progress, print_freq=train_cfg.print_freq, evaluator=train_cfg.evaluator)
@@ -412,7 +418,8 @@ def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_c
                                      for name in ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])],
                                     {"epoch": epoch, **_stats_entry("test", test_stats)})
             log_stats = {**_stats_entry("train", train_stats), **_stats_entry("test", test_stats), "epoch": epoch,
-                         "n_parameters": n_parameters, **({"test_weights": "ema"} if ema is not None else {})}
+                         "n_parameters": n_parameters, **({"test_weights": "ema"} if ema is not None else {}),
+                         "epoch_time": epoch_time, "eval_time": time.time() - eval_started}
             run.print(f"epoch {epoch}: COCO bbox{' of the EMA weights' if ema is not None else ''}\n"
                       f"{format_stats(test_stats['coco_eval_bbox'])}")
         if run.output_dir and run.info.is_main:
