@@ -217,7 +217,10 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     from deformable_detr.data import make_synthetic_dataset
 
     data = make_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
-                                  image_size=args.image_size, seed=args.seed, colour_by_class=args.colour_by_class)
+                                  image_size=args.image_size, seed=args.seed, colour_by_class=args.colour_by_class,
+                                  max_objects=args.max_objects, min_objects=args.min_objects,
+                                  small_fraction=args.small_fraction, clutter=args.clutter,
+                                  min_visible=args.min_visible)
     print(f"wrote {args.num_train} training and {args.num_val} validation images with COCO JSONs to {data.root}:\n"
           f"  ddetr train --train_images {data.train_images} --train_json {data.train_json} "
           f"--val_images {data.val_images} --val_json {data.val_json} ...")
@@ -407,6 +410,17 @@ def build_parser() -> _Parser:
     synthetic.add_argument("--image_size", type=int, default=160, help="image side")
     synthetic.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same files)")
     synthetic.add_argument("--colour_by_class", action="store_true", help="tie each class to one hue (easier)")
+    synthetic.add_argument("--max_objects", type=int, default=4, help="at most this many objects per image")
+    synthetic.add_argument("--min_objects", type=int, default=1,
+                           help="at least this many objects in an image that has any (1..max_objects)")
+    synthetic.add_argument("--small_fraction", type=float, default=0.0,
+                           help="probability in [0, 1] that an object is COCO-small (extent 8..24 px, area < 32x32)")
+    synthetic.add_argument("--clutter", type=int, default=0,
+                           help="up to this many unannotated distractor marks per image (rings, segments, arcs in "
+                                "the objects' colours)")
+    synthetic.add_argument("--min_visible", type=float, default=0.6,
+                           help="occlusion, in (0, 1]: every object keeps at least this share of its pixels visible "
+                                "(lower: more occlusion)")
 
     plot = command("plot", _plot, "loss and AP curves of training runs to a PNG")
     plot.add_argument("output_dirs", nargs="+", help="training output folders (each with a log.txt)")
