@@ -35,6 +35,7 @@ from deformable_detr.config import (
     RESNETS,
     VARIANTS,
     DemoConfig,
+    StudyConfig,
     check_official_flag,
     field_docs,
     field_types,
@@ -210,6 +211,15 @@ def _demo(args: argparse.Namespace) -> int:
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if f.name in vars(args)}
     run_demo(DemoConfig(**given))
+    return 0
+
+
+def _study_convergence(args: argparse.Namespace) -> int:
+    from deformable_detr.study import run_study
+
+    given = {f.name: tuple(getattr(args, f.name)) if isinstance(getattr(args, f.name), list) else getattr(args, f.name)
+             for f in dataclasses.fields(StudyConfig) if f.name in vars(args)}
+    run_study(StudyConfig(**given))
     return 0
 
 
@@ -421,6 +431,16 @@ def build_parser() -> _Parser:
     synthetic.add_argument("--min_visible", type=float, default=0.6,
                            help="occlusion, in (0, 1]: every object keeps at least this share of its pixels visible "
                                 "(lower: more occlusion)")
+
+    study = command("study", lambda args: 0, "compare detectors' convergence on synthetic data (the paper's claim)")
+    studies = study.add_subparsers(dest="study", required=True, metavar="STUDY", parser_class=_Parser)
+    convergence = studies.add_parser(
+        "convergence", parents=[common], help="train DETR and Deformable DETR alike; AP per epoch and per minute",
+        description="Trains the chosen detectors on one synthetic dataset at one small size, each with its own "
+        "recipe, evaluates them every epoch and writes their AP curves, the epochs each needs to reach the others' "
+        "final AP, and a figure. Prints a time estimate first; a rerun resumes the study.")
+    convergence.set_defaults(handler=_study_convergence)
+    _add_config_flags(convergence.add_argument_group("study"), StudyConfig)
 
     plot = command("plot", _plot, "loss and AP curves of training runs to a PNG")
     plot.add_argument("output_dirs", nargs="+", help="training output folders (each with a log.txt)")

@@ -398,6 +398,97 @@ class DemoConfig:
             _fail("num_pictures", "an int >= 0", self.num_pictures)
 
 
+STUDY_DEFAULT_VARIANTS = ("deformable_detr", "single_scale", "detr")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``ddetr study convergence``: which detectors, the synthetic data they all train on, the small model size they
+    share, and how long. Saved as OUTPUT_DIR/study.json; a rerun resumes it and must agree with it (the fields in
+    ``STUDY_RUN_FIELDS`` and ``epochs``/``variants`` may differ)."""
+
+    output_dir: str = "study_output"
+    """The study folder: data/, one training folder per detector, summary.json, summary.md, convergence.png."""
+    variants: tuple[str, ...] = STUDY_DEFAULT_VARIANTS
+    """Detectors to train (the names of --variant; each with its own recipe: lr, loss, matcher costs)."""
+    epochs: int = 12
+    """Training epochs of each detector (a rerun with more continues the study)."""
+    eval_every: int = 1
+    """Evaluate every this many epochs (and after the last)."""
+    num_train: int = 1000
+    """Synthetic training images."""
+    num_val: int = 200
+    """Synthetic validation images."""
+    image_size: int = 192
+    """Side of the synthetic images (each side drawn in [3/4, 1] of it)."""
+    max_objects: int = 6
+    """At most this many objects per image (1..max_objects, a tenth of the images empty)."""
+    small_fraction: float = 0.0
+    """Share of the objects drawn at 8 to 24 pixels, COCO-small (visible area under 32x32 pixels) at any image
+    size. At 192 pixels two thirds of the others are COCO-small by area already (thin shapes, stars, occlusion)."""
+    clutter: int = 2
+    """Up to this many unannotated distractor marks per image, in the objects' colours."""
+    min_visible: float = 0.5
+    """Occlusion: an object is placed only where every earlier one keeps this share of its pixels visible."""
+    colour_by_class: bool = False
+    """Tie each class to one hue (then colour alone tells the class; by default only the shape does)."""
+    data_seed: int = 0
+    """Seed of the synthetic data."""
+    backbone: str = "resnet18"
+    """The backbone every detector uses, from random weights."""
+    hidden_dim: int = 128
+    """Transformer width of every detector."""
+    nheads: int = 8
+    """Attention heads of every detector."""
+    enc_layers: int = 2
+    """Encoder layers of every detector."""
+    dec_layers: int = 3
+    """Decoder layers of every detector."""
+    dim_feedforward: int = 256
+    """Feed-forward width of every detector."""
+    num_queries: int = 30
+    """Object queries of every detector."""
+    batch_size: int = 8
+    """Images per step, for every detector."""
+    seed: int = 42
+    """Random seed of every training run."""
+    num_workers: int = 0
+    """Data-loading worker processes (0: in the training process, the fastest on 2 cores)."""
+    device: str = "cpu"
+    """Torch device."""
+    estimate_only: bool = False
+    """Print the time estimate and stop, without training."""
+    progress: bool = True
+    """Progress bars on a terminal (--no_progress: plain lines only)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.variants, str) or not self.variants:
+            _fail("variants", "one or more variant names", self.variants)
+        unknown = [name for name in self.variants if name not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant(s) {', '.join(map(repr, unknown))} in variants; valid variants: "
+                              f"{', '.join(VARIANTS)}")
+        if len(set(self.variants)) != len(self.variants):
+            _fail("variants", "distinct names", self.variants)
+        _check_positive_ints(self, ("epochs", "eval_every", "num_train", "num_val", "max_objects", "hidden_dim",
+                                    "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
+                                    "batch_size"))
+        if not _is_int(self.image_size) or self.image_size < 32:
+            _fail("image_size", "an int >= 32", self.image_size)
+        if not _is_number(self.small_fraction) or not 0 <= self.small_fraction <= 1:
+            _fail("small_fraction", "a number in [0, 1]", self.small_fraction)
+        if not _is_int(self.clutter) or self.clutter < 0:
+            _fail("clutter", "an int >= 0", self.clutter)
+        if not _is_number(self.min_visible) or not 0 < self.min_visible <= 1:
+            _fail("min_visible", "a number in (0, 1]", self.min_visible)
+        if not _is_int(self.num_workers) or self.num_workers < 0:
+            _fail("num_workers", "an int >= 0", self.num_workers)
+
+
+# Settings of how a study runs, not of what it measures: a resumed study may change them.
+STUDY_RUN_FIELDS = ("output_dir", "num_workers", "device", "estimate_only", "progress")
+
+
 CONFIG_CLASSES: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 DATA_SOURCE_FIELDS = ("coco_path", "train_images", "train_json", "val_images", "val_json")
 
