@@ -430,8 +430,10 @@ class StudyConfig:
     """Up to this many unannotated distractor marks per image, in the objects' colours."""
     min_visible: float = 0.5
     """Occlusion: an object is placed only where every earlier one keeps this share of its pixels visible."""
-    colour_by_class: bool = False
-    """Tie each class to one hue (then colour alone tells the class; by default only the shape does)."""
+    colour_by_class: bool = True
+    """Tie each class to one hue: colour tells an object's class, not whether a mark is an object (the clutter
+    marks share the class colours) nor its box. --no_colour_by_class: only the shape tells the class (far slower to
+    learn from scratch: AP 0.013 after 5 epochs for Deformable DETR here)."""
     data_seed: int = 0
     """Seed of the synthetic data."""
     backbone: str = "resnet18"
