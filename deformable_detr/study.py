@@ -312,9 +312,16 @@ def summarize(study: StudyConfig) -> dict[str, Any]:
                 continue
             target = other_points[-1]["AP"]
             first = next((p for p in points if p["AP"] >= target), None)
-            reach[variant][other] = {"target_AP": target, "target_epoch": other_points[-1]["epoch"],
-                                     "epoch": first["epoch"] if first else None,
-                                     "minutes": first["minutes"] if first else None}
+            entry = {"target_AP": target, "target_epoch": other_points[-1]["epoch"],
+                     "epoch": first["epoch"] if first else None, "minutes": first["minutes"] if first else None}
+            if first is None:
+                # Not reached: then the other needed only k epochs for this one's final AP, and this one is slower
+                # by more than (its epochs) / k: the lower bound the study can state.
+                final = points[-1]
+                matched = next(p for p in other_points if p["AP"] >= final["AP"])
+                entry["other_reached_final_AP_at_epoch"] = matched["epoch"]
+                entry["epochs_ratio_above"] = final["epoch"] / matched["epoch"]
+            reach[variant][other] = entry
     summary = {"study": {k: v for k, v in to_dict(study).items() if k not in STUDY_RUN_FIELDS}, "curves": curves,
                "reach": reach, "notes": notes}
     estimate_file = root / "estimate.json"
@@ -337,7 +344,9 @@ def format_summary(summary: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]
     for variant, targets in summary["reach"].items():
         for other, r in targets.items():
-            epoch = r["epoch"] if r["epoch"] is not None else "not reached"
+            epoch = r["epoch"] if r["epoch"] is not None else (
+                f"not reached (the other had its final AP after {r['other_reached_final_AP_at_epoch']}: "
+                f"> {r['epochs_ratio_above']:.1f}x slower)")
             minutes = f"{r['minutes']:.1f}" if r["minutes"] is not None else "-"
             lines.append(f"| {variant} | {other} | ({r['target_AP']:.3f}, {r['target_epoch']}) | {epoch} | "
                          f"{minutes} |")

@@ -167,8 +167,11 @@ def test_summary_reach_and_table_from_hand_made_logs(tmp_path):
     assert summary["curves"]["single_scale"][1]["AP_S"] == pytest.approx(0.15)
     assert summary["reach"]["single_scale"]["detr"] == {"target_AP": 0.25, "target_epoch": 3, "epoch": 2,
                                                         "minutes": pytest.approx(2.0)}
+    # B never reaches A's 0.5; A had B's final 0.25 after 2 epochs, so B (3 epochs) is more than 1.5x slower.
     assert summary["reach"]["detr"]["single_scale"] == {"target_AP": 0.5, "target_epoch": 3, "epoch": None,
-                                                        "minutes": None}
+                                                        "minutes": None, "other_reached_final_AP_at_epoch": 2,
+                                                        "epochs_ratio_above": 1.5}
     table = format_summary(summary)
     assert "| single_scale | detr | (0.250, 3) | 2 | 2.0 |" in table
-    assert "| detr | single_scale | (0.500, 3) | not reached | - |" in table
+    assert ("| detr | single_scale | (0.500, 3) | not reached (the other had its final AP after 2: > 1.5x slower) "
+            "| - |") in table
