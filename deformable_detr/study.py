@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from deformable_detr.checkpoint import read_checkpoint
 from deformable_detr.config import (
     STUDY_RUN_FIELDS,
     TRAIN_PRESETS,
@@ -46,15 +47,13 @@ from deformable_detr.config import (
     to_dict,
 )
 from deformable_detr.data import make_synthetic_dataset
-from deformable_detr.data.coco import build_coco_dataset
 from deformable_detr.data.collate import collate_fn
 from deformable_detr.data.synthetic import SyntheticDataset
-from deformable_detr.data.transforms import make_coco_transforms
 from deformable_detr.model.build import build_from_config
 from deformable_detr.training.engine import train_one_epoch
 from deformable_detr.training.optimizer import build_optimizer
 from deformable_detr.training.plot import read_log
-from deformable_detr.training.train import evaluate_checkpoint, train
+from deformable_detr.training.train import build_dataset, evaluate_checkpoint, train
 
 # Each detector's own recipe where the two papers' differ: Deformable DETR's main.py (lr 2e-4) and DETR's (lr 1e-4,
 # TRAIN_PRESETS["detr"]); weight decay 1e-4 and clipping at 0.1 in both. The backbone starts from random weights
@@ -160,13 +159,7 @@ def _time_variant(study: StudyConfig, variant: str, data_cfg: DataConfig, steps:
     process ran up to 1.6x slower here) and of one evaluation batch's forward pass, on the study's data."""
     torch.manual_seed(study.seed)
     device = torch.device(study.device)
-    train_set = build_coco_dataset(
-        "train", images=data_cfg.train_images, annotations=data_cfg.train_json, progress=False,
-        transforms=make_coco_transforms("train", scales=data_cfg.train_scales, max_size=data_cfg.max_size,
-                                        crop_resize_sizes=data_cfg.crop_resize_sizes, crop_size=data_cfg.crop_size))
-    val_set = build_coco_dataset("val", images=data_cfg.val_images, annotations=data_cfg.val_json, progress=False,
-                                 transforms=make_coco_transforms("val", val_size=data_cfg.val_size,
-                                                                 max_size=data_cfg.max_size))
+    train_set, val_set = build_dataset("train", data_cfg), build_dataset("val", data_cfg)
     num_classes = max(train_set.category_ids) + 1
     model, criterion, _ = build_from_config(dataclasses.replace(study_model(study, variant), num_classes=num_classes))
     model.to(device)
@@ -252,7 +245,7 @@ def train_variant(study: StudyConfig, variant: str, data: SyntheticDataset) -> N
     resume = ""
     if checkpoint.is_file():
         resume = str(checkpoint)
-        saved_epoch = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("epoch")
+        saved_epoch = read_checkpoint(checkpoint).get("epoch")
         logged = done[-1]["epoch"] if done else -1
         if isinstance(saved_epoch, int) and saved_epoch > logged:
             _log_interrupted_epoch(study, variant, checkpoint, saved_epoch, data_cfg)

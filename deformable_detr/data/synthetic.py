@@ -297,6 +297,27 @@ def _extent(rng: np.random.Generator, width: int, height: int, small: bool) -> f
     return math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
+class _Window:
+    """The pixels around a mark centred at (cx, cy) of the given radius, drawn supersampled: ``draw`` in coordinates
+    relative to the window (``cx``, ``cy``, times _SUPERSAMPLING), ``alpha()`` the box-filtered coverage (H, W)."""
+
+    def __init__(self, cx: float, cy: float, radius: float, width: int, height: int) -> None:
+        self.left, self.top = max(int(cx - radius) - 1, 0), max(int(cy - radius) - 1, 0)
+        self.right = min(int(math.ceil(cx + radius)) + 1, width)
+        self.bottom = min(int(math.ceil(cy + radius)) + 1, height)
+        self.width, self.height = width, height
+        self.cx, self.cy = cx - self.left, cy - self.top
+        self.layer = PIL.Image.new("L", ((self.right - self.left) * _SUPERSAMPLING,
+                                         (self.bottom - self.top) * _SUPERSAMPLING), 0)
+        self.draw = PIL.ImageDraw.Draw(self.layer)
+
+    def alpha(self) -> np.ndarray:
+        alpha = np.zeros((self.height, self.width), dtype=np.float64)
+        window = self.layer.resize((self.right - self.left, self.bottom - self.top), PIL.Image.Resampling.BOX)
+        alpha[self.top:self.bottom, self.left:self.right] = np.asarray(window, dtype=np.float64) / 255.0
+        return alpha
+
+
 def _shape_alpha(rng: np.random.Generator, category: int, width: int, height: int, small: bool = False
                  ) -> np.ndarray:
     """(H, W) coverage in [0, 1] of a random shape of class ``category`` (index into CATEGORIES)."""
@@ -314,12 +335,8 @@ def _shape_alpha(rng: np.random.Generator, category: int, width: int, height: in
     rotation = rng.uniform(0.0, 2.0 * math.pi)
 
     # Rasterise only the shape's window (supersampled), in coordinates relative to its top-left pixel.
-    left, top = max(int(cx - radius) - 1, 0), max(int(cy - radius) - 1, 0)
-    right, bottom = min(int(math.ceil(cx + radius)) + 1, width), min(int(math.ceil(cy + radius)) + 1, height)
-    cx, cy = cx - left, cy - top
-    s = _SUPERSAMPLING
-    layer = PIL.Image.new("L", ((right - left) * s, (bottom - top) * s), 0)
-    draw = PIL.ImageDraw.Draw(layer)
+    window = _Window(cx, cy, radius, width, height)
+    cx, cy, s, draw = window.cx, window.cy, _SUPERSAMPLING, window.draw
     if name == "rectangle":
         draw.rectangle([(cx - half_x) * s, (cy - half_y) * s, (cx + half_x) * s - 1, (cy + half_y) * s - 1],
                        fill=255)
@@ -343,10 +360,7 @@ def _shape_alpha(rng: np.random.Generator, category: int, width: int, height: in
         unit = unit / np.abs(unit).max(axis=0)
         points = np.stack([cx + unit[:, 0] * half_x, cy + unit[:, 1] * half_y], axis=1) * s
         draw.polygon([tuple(p) for p in points.tolist()], fill=255)
-    alpha = np.zeros((height, width), dtype=np.float64)
-    window = layer.resize((right - left, bottom - top), PIL.Image.Resampling.BOX)
-    alpha[top:bottom, left:right] = np.asarray(window, dtype=np.float64) / 255.0
-    return alpha
+    return window.alpha()
 
 
 def _clutter_alpha(rng: np.random.Generator, width: int, height: int, small: bool) -> np.ndarray:
@@ -361,12 +375,8 @@ def _clutter_alpha(rng: np.random.Generator, width: int, height: int, small: boo
     # Stroke width: thin enough to leave a clear hole / an elongated line, at least ~1.5 px to survive the
     # box filter at the smallest extents.
     thickness = max(1.5, rng.uniform(0.1, 0.2) * extent)
-    left, top = max(int(cx - radius) - 1, 0), max(int(cy - radius) - 1, 0)
-    right, bottom = min(int(math.ceil(cx + radius)) + 1, width), min(int(math.ceil(cy + radius)) + 1, height)
-    cx, cy = cx - left, cy - top
-    s = _SUPERSAMPLING
-    layer = PIL.Image.new("L", ((right - left) * s, (bottom - top) * s), 0)
-    draw = PIL.ImageDraw.Draw(layer)
+    window = _Window(cx, cy, radius, width, height)
+    cx, cy, s, draw = window.cx, window.cy, _SUPERSAMPLING, window.draw
     box = [(cx - radius) * s, (cy - radius) * s, (cx + radius) * s - 1, (cy + radius) * s - 1]
     stroke = max(1, round(thickness * s))
     if kind == 0:  # ring
@@ -378,10 +388,7 @@ def _clutter_alpha(rng: np.random.Generator, width: int, height: int, small: boo
     else:  # arc spanning 120..270 degrees
         start = rng.uniform(0.0, 360.0)
         draw.arc(box, start, start + rng.uniform(120.0, 270.0), fill=255, width=stroke)
-    alpha = np.zeros((height, width), dtype=np.float64)
-    window = layer.resize((right - left, bottom - top), PIL.Image.Resampling.BOX)
-    alpha[top:bottom, left:right] = np.asarray(window, dtype=np.float64) / 255.0
-    return alpha
+    return window.alpha()
 
 
 def _fill(rng: np.random.Generator, canvas: np.ndarray, alpha: np.ndarray, colours: np.ndarray) -> np.ndarray:

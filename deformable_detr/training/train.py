@@ -146,7 +146,10 @@ def _start_run(train_cfg: TrainConfig) -> _Run:
     return _Run(info, device, output_dir)
 
 
-def _dataset(split: str, data_cfg: DataConfig, info: DistributedInfo) -> CocoDetection:
+def build_dataset(split: str, data_cfg: DataConfig, info: DistributedInfo | None = None) -> CocoDetection:
+    """The ``split`` ('train' or 'val') of ``data_cfg``'s data with its transforms, as training and evaluation read
+    it (``info``: this process's place in a distributed run, for ``cache_mode``)."""
+    info = info or DistributedInfo()
     if split == "train":
         transforms = make_coco_transforms("train", scales=data_cfg.train_scales, max_size=data_cfg.max_size,
                                           crop_resize_sizes=data_cfg.crop_resize_sizes, crop_size=data_cfg.crop_size)
@@ -296,7 +299,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) 
 def _train_run(run: _Run, model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
                resumed: tuple | None, finetuned: tuple | None) -> dict[str, Any]:
     _seed_everything(train_cfg.seed + run.info.rank)
-    train_set, val_set = _dataset("train", data_cfg, run.info), _dataset("val", data_cfg, run.info)
+    train_set, val_set = build_dataset("train", data_cfg, run.info), build_dataset("val", data_cfg, run.info)
     for name, dataset in (("training", train_set), ("validation", val_set)):
         if len(dataset) == 0:
             raise ConfigError(f"the {name} set ({dataset.annotation_file}) lists no images: nothing to "
@@ -474,7 +477,7 @@ def evaluate_checkpoint(path: str | Path, data_cfg: DataConfig | None = None, tr
 
 def _evaluate_run(run: _Run, path: str | Path, checkpoint: dict[str, Any], model_cfg: ModelConfig,
                   data_cfg: DataConfig, train_cfg: TrainConfig, raw_weights: bool = False) -> dict[str, Any]:
-    val_set = _dataset("val", data_cfg, run.info)
+    val_set = build_dataset("val", data_cfg, run.info)
     largest = max(val_set.category_ids, default=0)
     if largest >= model_cfg.num_classes:
         raise ConfigError(f"the data has category id {largest}, but the model in {path} has {model_cfg.num_classes} "

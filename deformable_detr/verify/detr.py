@@ -23,7 +23,7 @@ from scipy.optimize import linear_sum_assignment
 from deformable_detr.loss.matcher import HungarianMatcher, Indices
 from deformable_detr.model.build import build_model
 from deformable_detr.verify.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
-from deformable_detr.verify.recording import record_gradients_and_detections
+from deformable_detr.verify.recording import record_gradients_and_detections, record_losses
 from deformable_detr.verify.recording import to_numpy as _numpy
 from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
@@ -181,13 +181,7 @@ def _run_detr_case(reference: dict[str, np.ndarray], device: str) -> dict[str, n
 
     criterion.matcher = _StoredAssignments(matcher, [_stored_indices(reference, prefix, batch) for prefix, _ in calls])
     losses = criterion(outputs, targets)
-    total = criterion.total_loss(losses)
-    for key, value in losses.items():
-        computed[f"loss.{key}"] = np.float32(value.item())
-    computed["loss.total"] = np.float32(total.item())
-    computed["loss.keys"] = np.array(list(losses))
-    computed["loss.weighted_keys"] = np.array([k for k in losses if k in criterion.weight_dict])
-    computed["loss.num_boxes"] = np.float32(criterion.average_num_boxes(targets, images.device))
+    total = record_losses(computed, criterion, losses, targets, images.device)
 
     total.backward()
     record_gradients_and_detections(computed, reference, model, outputs, postprocessors, variant, device)

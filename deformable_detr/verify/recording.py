@@ -14,6 +14,20 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+def record_losses(computed: dict[str, np.ndarray], criterion: nn.Module, losses: dict[str, Tensor],
+                  targets: list[dict], device: torch.device) -> Tensor:
+    """``loss.*`` of the reference (each loss, the weighted total, the key lists, the averaged box count) written into
+    ``computed``; returns the weighted total, for the backward."""
+    total = criterion.total_loss(losses)
+    for key, value in losses.items():
+        computed[f"loss.{key}"] = np.float32(value.item())
+    computed["loss.total"] = np.float32(total.item())
+    computed["loss.keys"] = np.array(list(losses))
+    computed["loss.weighted_keys"] = np.array([k for k in losses if k in criterion.weight_dict])
+    computed["loss.num_boxes"] = np.float32(criterion.average_num_boxes(targets, device))
+    return total
+
+
 def record_gradients_and_detections(computed: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                                     model: nn.Module, outputs: dict, postprocessors: dict[str, nn.Module],
                                     variant: str, device: torch.device) -> None:

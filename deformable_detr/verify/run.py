@@ -28,7 +28,7 @@ from deformable_detr.ops import ms_deform_attn
 from deformable_detr.verify.comparison import Check, ReferenceFileError, exact, max_rel, rel_l2, require
 from deformable_detr.verify.detr import DETR_VARIANTS, compare_detr, run_detr_case
 from deformable_detr.verify.eval_transform import compare_eval_transform, run_eval_transform_case
-from deformable_detr.verify.recording import record_gradients_and_detections
+from deformable_detr.verify.recording import record_gradients_and_detections, record_losses
 from deformable_detr.verify.recording import to_numpy as _numpy
 from deformable_detr.verify.reference_init import apply_ddetr_init_v1
 
@@ -215,13 +215,7 @@ def run_model_case(reference: dict[str, np.ndarray], device: str = "cpu", backen
         computed["out.enc.pred_boxes"] = _numpy(outputs.enc_outputs["pred_boxes"])
 
     losses, indices = criterion(outputs, targets, return_indices=True)
-    total = criterion.total_loss(losses)
-    for key, value in losses.items():
-        computed[f"loss.{key}"] = np.float32(value.item())
-    computed["loss.total"] = np.float32(total.item())
-    computed["loss.keys"] = np.array(list(losses))
-    computed["loss.weighted_keys"] = np.array([k for k in losses if k in criterion.weight_dict])
-    computed["loss.num_boxes"] = np.float32(criterion.average_num_boxes(targets, images.device))
+    total = record_losses(computed, criterion, losses, targets, images.device)
 
     binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
     calls = [("match", outputs, targets, indices["final"])]
